@@ -1,0 +1,115 @@
+"""Causal sliding-window attention behind one function, with three backends.
+
+- "xla": `jax.nn.dot_product_attention` on the XLA path. It materializes the T×T
+  scores, so it is the reference (and the CPU path), not the fast path.
+- "cudnn": cuDNN flash attention on GPU (bf16/fp16 only; causal + left window).
+- "splash": the TPU Pallas splash-attention kernel, wrapped in `jax.shard_map` when a
+  mesh is active (Mosaic kernels are not auto-partitioned). "splash-interpret" runs the
+  same kernel in Pallas interpret mode so its numerics can be tested on CPU.
+
+Window semantics are flash-attn's (nanochat's): query i sees keys j with
+i - left <= j <= i. Inputs are (B, T, heads, head_dim); GQA is supported (k/v may have
+fewer heads, dividing the query heads). The softmax scale is 1/sqrt(head_dim).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+BACKENDS = ("xla", "cudnn", "splash", "splash-interpret")
+SPLASH_BLOCK = 128  # splash tiles the sequence in multiples of the TPU lane width
+
+
+def default_backend(dtype) -> str:
+    """The fastest backend that runs here for this compute dtype."""
+    plat = jax.default_backend()
+    if plat == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        return "cudnn"
+    if plat == "tpu":
+        return "splash"
+    return "xla"
+
+
+def resolve_backend(name: str | None, dtype) -> str:
+    """'auto'/None → default_backend; an explicit name is checked to be usable here."""
+    if name in (None, "auto"):
+        return default_backend(dtype)
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {('auto',) + BACKENDS}")
+    plat = jax.default_backend()
+    if name == "cudnn":
+        if plat != "gpu":
+            raise ValueError(f"attention backend 'cudnn' needs a CUDA GPU, but JAX is running on {plat!r}; use 'xla'")
+        if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+            raise ValueError(f"attention backend 'cudnn' needs bf16/fp16 inputs, got {jnp.dtype(dtype).name}; "
+                             "set NANOCHAT_DTYPE=bfloat16 or use 'xla'")
+    if name == "splash" and plat != "tpu":
+        raise ValueError(f"attention backend 'splash' needs a TPU, but JAX is running on {plat!r}; "
+                         "use 'splash-interpret' to run the kernel in interpret mode (slow, for tests) or 'xla'")
+    return name
+
+
+def attention(q_BTHD, k_BTKD, v_BTKD, *, window_left: int, backend: str = "xla"):
+    """Causal attention where query i attends keys max(0, i - window_left)..i."""
+    T = q_BTHD.shape[1]
+    # A window covering the whole sequence is plain causal attention; saying so lets the
+    # kernels skip mask bookkeeping.
+    window = None if window_left >= T - 1 else (window_left, 0)
+    if backend in ("xla", "cudnn"):
+        return jax.nn.dot_product_attention(q_BTHD, k_BTKD, v_BTKD, is_causal=True, local_window_size=window,
+                                            implementation=backend)
+    if backend in ("splash", "splash-interpret"):
+        return _splash(q_BTHD, k_BTKD, v_BTKD, window_left=window_left, interpret=backend == "splash-interpret")
+    raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+
+
+# ---- splash (TPU Pallas) -------------------------------------------------------------
+
+@functools.lru_cache(maxsize=64)
+def _splash_kernel(n_heads: int, T: int, window_left: int, interpret: bool):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    if window_left >= T - 1:
+        head_mask = sm.CausalMask((T, T))
+    else:
+        head_mask = sm.LocalMask((T, T), (window_left, 0), offset=0)
+    b = min(512, T)
+    blocks = sk.BlockSizes(block_q=b, block_kv_compute=b, block_kv=b, block_q_dkv=b, block_kv_dkv=b,
+                           block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+    mask = sm.MultiHeadMask([head_mask] * n_heads)
+    return sk.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def _splash_local(q_BTHD, k_BTHD, v_BTHD, *, window_left: int, interpret: bool):
+    """Splash on one device's shard: (B, T, H, D) in and out."""
+    B, T, H, D = q_BTHD.shape
+    kernel = _splash_kernel(H, T, window_left, interpret)
+    q_BHTD = jnp.swapaxes(q_BTHD * (D ** -0.5), 1, 2)  # the kernel applies no softmax scale
+    out_BHTD = jax.vmap(kernel)(q_BHTD, jnp.swapaxes(k_BTHD, 1, 2), jnp.swapaxes(v_BTHD, 1, 2))
+    return jnp.swapaxes(out_BHTD, 1, 2)
+
+
+def _splash(q_BTHD, k_BTKD, v_BTKD, *, window_left: int, interpret: bool):
+    T, H = q_BTHD.shape[1], q_BTHD.shape[2]
+    if T % SPLASH_BLOCK:
+        raise ValueError(f"splash attention needs the sequence length to be a multiple of {SPLASH_BLOCK}, got {T}; "
+                         "use the 'xla' backend for this shape")
+    groups = H // k_BTKD.shape[2]
+    if groups > 1:  # GQA: share each kv head with its query group (the MHA kernel wants equal heads)
+        k_BTKD, v_BTKD = jnp.repeat(k_BTKD, groups, axis=2), jnp.repeat(v_BTKD, groups, axis=2)
+    fn = functools.partial(_splash_local, window_left=window_left, interpret=interpret)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return fn(q_BTHD, k_BTKD, v_BTKD)
+    # Mosaic kernels are not auto-partitioned: run one kernel per device on its own batch
+    # rows and heads. Axes the mesh does not have are dropped from the spec.
+    batch_axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names) or None
+    head_axis = "model" if "model" in mesh.axis_names else None
+    spec = P(batch_axes, None, head_axis, None)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(
+        q_BTHD, k_BTKD, v_BTKD)

@@ -1,0 +1,281 @@
+"""nanochat's GPT (spec §3.3–3.6) as a Flax Linen module behind pure functions.
+
+Linen gives us a plain nested-dict parameter pytree and a pure `apply`, so everything
+that runs (`forward`, `loss_fn`, later `train_step` and the engine) is a function of
+pytrees that jits with explicit shardings. Every parameter carries logical axis names
+(`param_logical_axes`); sharding.py maps them onto a mesh.
+
+Numerics follow spec §2: matrices are fp32 masters cast to the activation dtype at use;
+`wte` and value-embedding tables are stored in the compute dtype; RMSNorm has no weight
+and eps = finfo(input dtype).eps; the softcap and the cross-entropy run in fp32.
+
+Layout: kernels are Flax's (in, out). nanochat reasons in torch's (out, in);
+`linear_fans` is the one place that says which axis is which.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from nanochat_jax.attention import attention, resolve_backend
+from nanochat_jax.common import resolve_dtype
+from nanochat_jax.config import SMEAR_CHANNELS, VE_GATE_CHANNELS, GPTConfig
+
+ROPE_BASE = 100_000.0
+SOFTCAP = 15.0
+QK_SCALE = 1.2
+IGNORE_INDEX = -1
+
+
+def linear_fans(kernel_shape) -> tuple[int, int]:
+    """(fan_in, fan_out) of a Flax kernel stored (in, out); torch's weight is its transpose."""
+    fan_in, fan_out = kernel_shape[-2], kernel_shape[-1]
+    return fan_in, fan_out
+
+
+# ---- initializers (spec §3.6) --------------------------------------------------------
+
+def _uniform(lo, hi):
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, jnp.float32, lo, hi).astype(dtype)
+    return init
+
+
+def _normal(std):
+    def init(key, shape, dtype=jnp.float32):
+        return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+    return init
+
+
+def _ramp(start, end):
+    """Per-layer scalars: a linear ramp from `start` (layer 0) to `end` (last layer)."""
+    def init(key, shape, dtype=jnp.float32):
+        (n,) = shape
+        return (start + (end - start) * jnp.arange(n, dtype=jnp.float32) / max(n - 1, 1)).astype(dtype)
+    return init
+
+
+def _const(value):
+    def init(key, shape, dtype=jnp.float32):
+        return jnp.full(shape, value, dtype)
+    return init
+
+
+# ---- layers ----------------------------------------------------------------------------
+
+def rms_norm(x):
+    """F.rms_norm without weight: fp32 math, eps = finfo(x.dtype).eps, result in x.dtype."""
+    eps = jnp.finfo(x.dtype).eps
+    xf = x.astype(jnp.float32)
+    return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+def rotary_tables(T: int, head_dim: int, dtype, offset=0):
+    """cos/sin of shape (T, head_dim/2), computed in fp32 then cast (spec §3.4)."""
+    inv_freq = 1.0 / (ROPE_BASE ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    t = jnp.arange(T, dtype=jnp.float32) + offset
+    freqs = jnp.outer(t, inv_freq)
+    return jnp.cos(freqs).astype(dtype), jnp.sin(freqs).astype(dtype)
+
+
+def apply_rotary(x_BTHD, cos_TD, sin_TD):
+    """Half-split pairing with nanochat's sign (a rotation by -θ)."""
+    d = x_BTHD.shape[-1] // 2
+    x1, x2 = x_BTHD[..., :d], x_BTHD[..., d:]
+    cos, sin = cos_TD[None, :, None, :], sin_TD[None, :, None, :]
+    return jnp.concatenate([x1 * cos + x2 * sin, x2 * cos - x1 * sin], axis=-1)
+
+
+class Linear(nn.Module):
+    """Bias-free linear with an fp32 master kernel (in, out), cast to x's dtype at use."""
+
+    features: int
+    axes: tuple
+    init: object
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.with_logical_partitioning(self.init, self.axes),
+                            (x.shape[-1], self.features), jnp.float32)
+        return x @ kernel.astype(x.dtype)
+
+
+class Attention(nn.Module):
+    config: GPTConfig
+    layer: int
+    backend: str
+
+    @nn.compact
+    def __call__(self, x_BTC, ve_BTK, cos_TD, sin_TD):
+        cfg = self.config
+        B, T, C = x_BTC.shape
+        H, Hkv, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        s = math.sqrt(3) * C ** -0.5
+        q = Linear(H * hd, ("embed", "heads"), _uniform(-s, s), name="c_q")(x_BTC).reshape(B, T, H, hd)
+        k = Linear(Hkv * hd, ("embed", "kv_heads"), _uniform(-s, s), name="c_k")(x_BTC).reshape(B, T, Hkv, hd)
+        v = Linear(Hkv * hd, ("embed", "kv_heads"), _uniform(-s, s), name="c_v")(x_BTC).reshape(B, T, Hkv, hd)
+        if ve_BTK is not None:  # ResFormer value residual, gated per kv head in (0, 3)
+            gate = Linear(Hkv, (None, None), _uniform(0.0, 0.02), name="ve_gate")(x_BTC[..., :VE_GATE_CHANNELS])
+            v = v + (3 * jax.nn.sigmoid(gate))[..., None] * ve_BTK.reshape(B, T, Hkv, hd)
+        q, k = apply_rotary(q, cos_TD, sin_TD), apply_rotary(k, cos_TD, sin_TD)
+        q, k = rms_norm(q) * QK_SCALE, rms_norm(k) * QK_SCALE
+        y = attention(q, k, v, window_left=cfg.window_sizes[self.layer], backend=self.backend)
+        return Linear(C, ("heads", "embed"), nn.initializers.zeros, name="c_proj")(y.reshape(B, T, H * hd))
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x_BTC):
+        C = x_BTC.shape[-1]
+        s = math.sqrt(3) * C ** -0.5
+        h = Linear(4 * C, ("embed", "mlp"), _uniform(-0.4 * s, 0.4 * s), name="c_fc")(x_BTC)
+        h = jnp.square(jax.nn.relu(h))
+        return Linear(C, ("mlp", "embed"), nn.initializers.zeros, name="c_proj")(h)
+
+
+class Block(nn.Module):
+    config: GPTConfig
+    layer: int
+    backend: str
+
+    @nn.compact
+    def __call__(self, x_BTC, ve_BTK, cos_TD, sin_TD):
+        x_BTC = x_BTC + Attention(self.config, self.layer, self.backend, name="attn")(rms_norm(x_BTC), ve_BTK, cos_TD, sin_TD)
+        return x_BTC + MLP(name="mlp")(rms_norm(x_BTC))
+
+
+class GPT(nn.Module):
+    """tokens (B, T) int → fp32 softcapped logits (B, T, vocab_size)."""
+
+    config: GPTConfig
+    dtype: jnp.dtype = jnp.float32
+    backend: str = "xla"
+
+    def _param(self, name, init, shape, axes, dtype=jnp.float32):
+        return self.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+    @nn.compact
+    def __call__(self, tokens_BT):
+        cfg, cd = self.config, self.dtype
+        B, T = tokens_BT.shape
+        C, L, Vp = cfg.n_embd, cfg.n_layer, cfg.padded_vocab_size
+        s = math.sqrt(3) * C ** -0.5
+        wte = self._param("wte", _normal(0.8), (Vp, C), ("vocab", "embed"), cd)
+        resid_lambdas = self._param("resid_lambdas", _ramp(1.15, 1.05), (L,), (None,))
+        x0_lambdas = self._param("x0_lambdas", _ramp(0.20, 0.05), (L,), (None,))
+        smear_lambda = self._param("smear_lambda", _const(0.0), (1,), (None,))
+        backout_lambda = self._param("backout_lambda", _const(0.2), (1,), (None,))
+
+        x = rms_norm(wte[tokens_BT].astype(cd))
+        # Smear: mix the previous token's embedding into each position (a cheap bigram).
+        gate_BT1 = smear_lambda.astype(cd) * jax.nn.sigmoid(
+            Linear(1, (None, None), _uniform(0.0, 0.02), name="smear_gate")(x[:, 1:, :SMEAR_CHANNELS]))
+        x = jnp.concatenate([x[:, :1], x[:, 1:] + gate_BT1 * x[:, :-1]], axis=1)
+        x0 = x
+
+        cos, sin = rotary_tables(T, cfg.head_dim, cd)
+        x_backout = None
+        for i in range(L):
+            x = resid_lambdas[i].astype(cd) * x + x0_lambdas[i].astype(cd) * x0
+            ve = None
+            if cfg.has_ve(i):
+                table = self._param(f"ve_{i}", _uniform(-s, s), (Vp, cfg.kv_dim), ("vocab", "kv_heads"), cd)
+                ve = table[tokens_BT].astype(cd)
+            x = Block(cfg, i, self.backend, name=f"h_{i}")(x, ve, cos, sin)
+            if i == cfg.backout_layer:
+                x_backout = x
+        x = x - backout_lambda.astype(cd) * x_backout
+        x = rms_norm(x)
+        logits = Linear(Vp, ("embed", "vocab"), _normal(0.001), name="lm_head")(x)
+        logits = logits[..., :cfg.vocab_size].astype(jnp.float32)
+        return SOFTCAP * jnp.tanh(logits / SOFTCAP)
+
+
+# ---- the functional boundary -----------------------------------------------------------
+
+def _module(config, dtype=None, backend=None) -> GPT:
+    dtype = resolve_dtype(dtype)
+    return GPT(config, dtype=dtype, backend=resolve_backend(backend, dtype))
+
+
+def _boxed_params(config, key, dtype=None):
+    return _module(config, dtype, "xla").init(key, jnp.zeros((1, 2), jnp.int32))["params"]
+
+
+def init_params(config: GPTConfig, key, dtype=None) -> dict:
+    """Fresh parameters (spec §3.6) as a plain nested dict of arrays."""
+    return nn.meta.unbox(_boxed_params(config, key, dtype))
+
+
+def param_logical_axes(config: GPTConfig) -> dict:
+    """A pytree like the params whose leaves are PartitionSpecs of logical axis names."""
+    abstract = jax.eval_shape(lambda: _boxed_params(config, jax.random.key(0), jnp.float32))
+    return nn.get_partition_spec(abstract)
+
+
+def forward(params, tokens_BT, config: GPTConfig, *, dtype=None, backend=None):
+    """Pure forward: fp32 softcapped logits (B, T, vocab_size)."""
+    return _module(config, dtype, backend).apply({"params": params}, tokens_BT)
+
+
+def cross_entropy(logits_BTV, targets_BT, reduction: str = "mean"):
+    """fp32 cross-entropy with ignore index -1.
+
+    'mean' averages over non-ignored targets (0 if all are ignored, where torch would give
+    NaN: a fully masked SFT micro-batch must not poison training); 'none' returns a flat
+    (B·T,) vector with 0 at ignored positions, like torch.
+    """
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    logits = logits_BTV.astype(jnp.float32)
+    valid = targets_BT != IGNORE_INDEX
+    safe = jnp.where(valid, targets_BT, 0)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+    nll = jnp.where(valid, logz - picked, 0.0).reshape(-1)
+    if reduction == "none":
+        return nll
+    if reduction == "sum":
+        return nll.sum()
+    return nll.sum() / jnp.maximum(valid.sum(), 1)
+
+
+def loss_fn(params, tokens_BT, targets_BT, config: GPTConfig, *, reduction="mean", dtype=None, backend=None):
+    return cross_entropy(forward(params, tokens_BT, config, dtype=dtype, backend=backend), targets_BT, reduction)
+
+
+def generate(params, tokens: list[int], config: GPTConfig, max_tokens: int, *, temperature: float = 0.0,
+             top_k: int | None = None, seed: int = 42, dtype=None, backend=None):
+    """Naive sampling (spec §3.8): a full forward per token, yielding token ids.
+
+    The sequence lives in a fixed-length buffer so the forward compiles once; causal
+    attention makes the padding after the cursor invisible. The KV-cache engine is the
+    fast path; this is the simple reference it is checked against.
+    """
+    if not tokens:
+        raise ValueError("generate needs at least one prompt token")
+    buf_len = len(tokens) + max_tokens
+    if buf_len > 10 * config.sequence_len:
+        raise ValueError(f"prompt + max_tokens = {buf_len} exceeds the rotary range 10·sequence_len")
+
+    @jax.jit
+    def step(params, buf_1T, pos, key):
+        logits = forward(params, buf_1T, config, dtype=dtype, backend=backend)[0, pos - 1]
+        if top_k is not None:
+            kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][-1]
+            logits = jnp.where(logits < kth, -jnp.inf, logits)
+        if temperature == 0.0:
+            return jnp.argmax(logits)
+        return jax.random.categorical(key, logits / temperature)
+
+    buf = jnp.zeros((1, buf_len), jnp.int32).at[0, :len(tokens)].set(jnp.asarray(tokens, jnp.int32))
+    key = jax.random.key(seed)
+    for pos in range(len(tokens), buf_len):
+        key, sub = jax.random.split(key)
+        nxt = step(params, buf, pos, sub)
+        buf = buf.at[0, pos].set(nxt)
+        yield int(nxt)

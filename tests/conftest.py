@@ -1,0 +1,22 @@
+"""Every test sees 8 fake CPU devices (set before JAX initializes) and the default (platform) compute dtype; NANOCHAT_DTYPE is cleared."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.pop("NANOCHAT_DTYPE", None)
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("nanochat", deadline=None, print_blob=True, derandomize=True)
+settings.load_profile("nanochat")
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU/TPU-marked tests skip cleanly where that accelerator is absent."""
+    plat = jax.default_backend()
+    for item in items:
+        for mark, want in (("gpu", "gpu"), ("tpu", "tpu")):
+            if mark in item.keywords and plat != want:
+                item.add_marker(pytest.mark.skip(reason=f"needs a {want.upper()} (JAX backend is {plat})"))
