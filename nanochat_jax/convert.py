@@ -94,15 +94,15 @@ def params_from_state_dict(state_dict, config: GPTConfig) -> dict:
 
 def state_dict_from_params(params, config: GPTConfig) -> dict[str, np.ndarray]:
     """Our params → a nanochat state_dict of numpy arrays in torch's (out, in) layout."""
+    flat = {tuple(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+    mapping = name_map(config)
+    missing = sorted("/".join(path) for path, _ in mapping.values() if path not in flat)
+    extra = sorted("/".join(path) for path in set(flat) - {path for path, _ in mapping.values()})
+    if missing or extra:
+        raise ValueError(f"params do not match {config}: missing {missing}, unexpected {extra}")
     out = {}
-    for key, (path, transpose) in name_map(config).items():
-        node = params
-        try:
-            for p in path:
-                node = node[p]
-        except (KeyError, TypeError):
-            raise ValueError(f"params have no entry {'/'.join(path)} (nanochat key {key!r}) for {config}") from None
-        a = np.asarray(node)
+    for key, (path, transpose) in mapping.items():
+        a = np.asarray(flat[path])
         out[key] = np.ascontiguousarray(a.T if transpose else a)
     return out
 

@@ -208,7 +208,8 @@ def _boxed_params(config, key, dtype=None):
 
 def init_params(config: GPTConfig, key, dtype=None) -> dict:
     """Fresh parameters (spec §3.6) as a plain nested dict of arrays."""
-    return nn.meta.unbox(_boxed_params(config, key, dtype))
+    dtype = resolve_dtype(dtype)
+    return jax.jit(lambda k: nn.meta.unbox(_boxed_params(config, k, dtype)))(key)
 
 
 def param_logical_axes(config: GPTConfig) -> dict:
