@@ -51,7 +51,7 @@ def bench_torch(ref, tokens, warmup, iters, compiled):
     import torch
 
     x = torch.from_numpy(np.asarray(tokens)).to(next(ref.parameters()).device)
-    inputs, targets = x[:, :-1].contiguous(), x[:, 1:].contiguous()
+    inputs, targets = x[:, :-1], x[:, 1:]
     fwd = torch.compile(ref) if compiled else ref
 
     def step():

@@ -253,5 +253,5 @@ class GPT(nn.Module):
         if targets is None:
             return logits_BTV
         return F.cross_entropy(
-            logits_BTV.view(-1, logits_BTV.size(-1)), targets.view(-1), ignore_index=-1, reduction=loss_reduction
+            logits_BTV.view(-1, logits_BTV.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=loss_reduction
         )
