@@ -119,9 +119,9 @@ def adamw(lr: float, betas: tuple[float, float], eps: float, weight_decay: float
     """
     b1, b2 = betas
 
-    def init(params):
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        return AdamWState(jnp.zeros([], jnp.int32), zeros, zeros)
+    def init(params):  # two separate buffers: the state is donated to the jitted step
+        return AdamWState(jnp.zeros([], jnp.int32), jax.tree.map(jnp.zeros_like, params),
+                          jax.tree.map(jnp.zeros_like, params))
 
     def update(grads, state, params):
         if params is None:
