@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from nanochat_jax.attention import attention, resolve_backend
 from nanochat_jax.common import resolve_dtype
 from nanochat_jax.config import SMEAR_CHANNELS, VE_GATE_CHANNELS, GPTConfig
+from nanochat_jax.sharding import constrain_activations
 
 ROPE_BASE = 100_000.0
 SOFTCAP = 15.0
@@ -174,7 +175,7 @@ class GPT(nn.Module):
         # Smear: mix the previous token's embedding into each position (a cheap bigram).
         gate_BT1 = smear_lambda.astype(cd) * jax.nn.sigmoid(
             Linear(1, (None, None), _uniform(0.0, 0.02), name="smear_gate")(x[:, 1:, :SMEAR_CHANNELS]))
-        x = jnp.concatenate([x[:, :1], x[:, 1:] + gate_BT1 * x[:, :-1]], axis=1)
+        x = constrain_activations(jnp.concatenate([x[:, :1], x[:, 1:] + gate_BT1 * x[:, :-1]], axis=1))
         x0 = x
 
         cos, sin = rotary_tables(T, cfg.head_dim, cd)
@@ -183,9 +184,9 @@ class GPT(nn.Module):
             x = resid_lambdas[i].astype(cd) * x + x0_lambdas[i].astype(cd) * x0
             ve = None
             if cfg.has_ve(i):
-                table = self._param(f"ve_{i}", _uniform(-s, s), (Vp, cfg.kv_dim), ("vocab", "kv_heads"), cd)
+                table = self._param(f"ve_{i}", _uniform(-s, s), (Vp, cfg.kv_dim), ("ve_vocab", "kv_heads"), cd)
                 ve = table[tokens_BT].astype(cd)
-            x = Block(cfg, i, self.backend, name=f"h_{i}")(x, ve, cos, sin)
+            x = constrain_activations(Block(cfg, i, self.backend, name=f"h_{i}")(x, ve, cos, sin))
             if i == cfg.backout_layer:
                 x_backout = x
         x = x - backout_lambda.astype(cd) * x_backout
