@@ -82,7 +82,10 @@ def _splash_kernel(n_heads: int, T: int, window_left: int, interpret: bool):
     blocks = sk.BlockSizes(block_q=b, block_kv_compute=b, block_kv=b, block_q_dkv=b, block_kv_dkv=b,
                            block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
     mask = sm.MultiHeadMask([head_mask] * n_heads)
-    return sk.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
+    # The kernel holds mask-info arrays; build them concretely even when first asked for
+    # inside a trace, so the cached kernel never captures a tracer.
+    with jax.ensure_compile_time_eval():
+        return sk.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
 def _splash_local(q_BTHD, k_BTHD, v_BTHD, *, window_left: int, interpret: bool):
