@@ -168,7 +168,8 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
     """Join the other processes of a multi-host run; a no-op for a single process.
 
     Explicit flags (or NANOCHAT_COORDINATOR / NANOCHAT_NUM_PROCESSES / NANOCHAT_PROCESS_ID)
-    win; otherwise JAX auto-detects TPU pod slices and SLURM jobs.
+    win; NANOCHAT_AUTO_DISTRIBUTED=1 (set by runs/tpu_pod.sh) or a multi-task SLURM job lets
+    JAX discover the cluster itself.
     """
     coordinator = coordinator or os.environ.get("NANOCHAT_COORDINATOR")
     if num_processes is None and "NANOCHAT_NUM_PROCESSES" in os.environ:
@@ -180,7 +181,7 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
             raise ValueError("a coordinator address needs num_processes and process_id too")
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                    process_id=process_id, initialization_timeout=300)
-    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
+    elif os.environ.get("NANOCHAT_AUTO_DISTRIBUTED") == "1" or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         jax.distributed.initialize()
 
 

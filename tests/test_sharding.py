@@ -173,16 +173,19 @@ def test_splash_in_shard_map_equals_auto_sharded_xla():
 
 
 def test_two_processes_match_one_process(single_device):
-    """Two OS processes × 2 CPU devices joined over 127.0.0.1 (gloo) = one 4-device process."""
+    """runs/gpu_multinode.sh on two 'nodes' = two OS processes × 2 CPU devices over 127.0.0.1 (gloo)
+    must reproduce one 4-device process (and the single-device run)."""
     port = portpicker.pick_unused_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
-    args = [sys.executable, "-m", "train.dist_check", "--mesh", "data=2,model=2", "--depth", "3", "--head-dim", "32",
-            "--seq-len", "64", "--vocab-size", "128", "--batch-size", "8", "--micro-steps", "2", "--steps", "2",
-            "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    procs = [subprocess.Popen(args + ["--process-id", str(i)], cwd=root, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    check = "--depth 3 --head-dim 32 --seq-len 64 --vocab-size 128 --batch-size 8 --micro-steps 2 --steps 2"
+    procs = []
     try:
+        for rank in range(2):
+            env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+                   "COORDINATOR": f"127.0.0.1:{port}", "NUM_NODES": "2", "NODE_RANK": str(rank),
+                   "MESH": "data=2,model=2", "CHECK_ARGS": check, "SKIP_SETUP": "1", "PYTHON": sys.executable}
+            procs.append(subprocess.Popen(["bash", "runs/gpu_multinode.sh"], cwd=root, env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         outs = [p.communicate(timeout=240) for p in procs]
     finally:
         for p in procs:
@@ -200,3 +203,24 @@ def test_two_processes_match_one_process(single_device):
         assert abs(a["param_abs_sum"] - b["param_abs_sum"]) <= 1e-5 * b["param_abs_sum"]
     for a, b in zip(lines, single_device):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * b["loss"]
+
+
+def test_initialize_distributed_is_a_no_op_for_one_process(monkeypatch):
+    for var in ("NANOCHAT_COORDINATOR", "NANOCHAT_AUTO_DISTRIBUTED", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+    sharding.initialize_distributed()
+    assert jax.process_count() == 1 and sharding.is_main_process()
+    with pytest.raises(ValueError, match="needs num_processes and process_id"):
+        sharding.initialize_distributed("127.0.0.1:1")
+
+
+def test_launch_recipes_parse_and_demand_their_settings():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for script in ("runs/tpu_pod.sh", "runs/gpu_multinode.sh", "runs/setup.sh", "runs/test.sh", "runs/cpu_demo.sh"):
+        subprocess.run(["bash", "-n", script], cwd=root, check=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("TPU_NAME", "ZONE")}
+    r = subprocess.run(["bash", "runs/tpu_pod.sh"], cwd=root, env=env, capture_output=True, text=True)
+    assert r.returncode != 0 and "TPU_NAME" in r.stderr
+    r = subprocess.run(["bash", "runs/gpu_multinode.sh"], cwd=root, capture_output=True, text=True,
+                       env={**os.environ, "SKIP_SETUP": "1", "COORDINATOR": "127.0.0.1:1", "NUM_NODES": "2"})
+    assert r.returncode != 0 and "NODE_RANK" in r.stderr
