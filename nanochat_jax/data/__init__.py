@@ -1,0 +1,1 @@
+"""Data: pretraining shards (download, splits, row-group iteration)."""
