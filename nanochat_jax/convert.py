@@ -22,6 +22,7 @@ import ml_dtypes
 import numpy as np
 
 from nanochat_jax.config import GPTConfig
+from nanochat_jax.fileio import atomic_write
 
 _ORIG_MOD = "_orig_mod."  # prefix torch.compile adds; upstream's loader strips it too
 
@@ -181,16 +182,6 @@ def load_nanochat_checkpoint(path, step: int | None = None, dtype=None) -> tuple
     return params, config, meta
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temp name and rename, so a crash never leaves a file read as good."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def export_nanochat_checkpoint(params, config: GPTConfig, out_dir, step: int = 0, meta: dict | None = None) -> Path:
     """Write params as nanochat's model_{step}.pt + meta_{step}.json (loadable upstream).
 
@@ -202,6 +193,6 @@ def export_nanochat_checkpoint(params, config: GPTConfig, out_dir, step: int = 0
     out_dir.mkdir(parents=True, exist_ok=True)
     state_dict = {k: _to_torch(v) for k, v in state_dict_from_params(jax.device_get(params), config).items()}
     full_meta = {"step": step, "model_config": config.to_dict(), **(meta or {})}
-    _atomic_write(out_dir / f"model_{step:06d}.pt", lambda p: torch.save(state_dict, p))
-    _atomic_write(out_dir / f"meta_{step:06d}.json", lambda p: p.write_text(json.dumps(full_meta, indent=2)))
+    atomic_write(out_dir / f"model_{step:06d}.pt", lambda f: torch.save(state_dict, f))
+    atomic_write(out_dir / f"meta_{step:06d}.json", lambda f: f.write(json.dumps(full_meta, indent=2).encode()))
     return out_dir

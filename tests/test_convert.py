@@ -167,8 +167,8 @@ def test_step_selection_and_bad_checkpoints(tmp_path):
 def test_export_leaves_no_temp_files_when_interrupted(tmp_path, monkeypatch):
     params = model.init_params(CFG, jax.random.key(0), jnp.float32)
 
-    def boom(obj, path):
-        open(path, "wb").write(b"partial")
+    def boom(obj, f):
+        f.write(b"partial")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, "save", boom)
