@@ -8,6 +8,7 @@ and the env var NANOCHAT_DTYPE overrides it.
 from __future__ import annotations
 
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -45,3 +46,66 @@ def resolve_dtype(dtype) -> jnp.dtype:
             raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
         return jnp.dtype(DTYPES[dtype])
     return jnp.dtype(dtype)
+
+
+# ---- peak FLOPs and MFU (spec §5.4) ------------------------------------------------------
+
+# Dense (no 2:4 sparsity) bf16 FLOP/s of one JAX device: one GPU, or one TPU chip (v4, v5p
+# megacore; v5e, v6e have one TensorCore). Vendor spec sheets; MFU is reported against bf16
+# peak whatever the compute dtype, as upstream's "bf16_mfu".
+PEAK_FLOPS = {
+    "NVIDIA GB200": 2.5e15,
+    "NVIDIA B200": 2.25e15,
+    "NVIDIA GH200": 989e12,
+    "NVIDIA H200 SXM": 989e12,
+    "NVIDIA H200 NVL": 836e12,
+    "NVIDIA H100 SXM": 989e12,
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
+    "NVIDIA A100": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6e": 918e12,
+}
+
+# (regex on the lower-cased jax device_kind, PEAK_FLOPS key): the first match wins, so
+# variants precede their family. JAX calls v5e "TPU v5 lite", v5p "TPU v5", v6e "TPU v6 lite".
+_DEVICE_KINDS = (
+    (r"\bgb200\b", "NVIDIA GB200"),
+    (r"\bb200\b", "NVIDIA B200"),
+    (r"\bgh200\b", "NVIDIA GH200"),
+    (r"\bh200\b.*\bnvl\b", "NVIDIA H200 NVL"),
+    (r"\bh200\b", "NVIDIA H200 SXM"),
+    (r"\bh100\b.*\bnvl\b", "NVIDIA H100 NVL"),
+    (r"\bh100\b.*\bpcie\b", "NVIDIA H100 PCIe"),
+    (r"\bh100\b", "NVIDIA H100 SXM"),  # "NVIDIA H100 80GB HBM3"
+    (r"\ba100\b", "NVIDIA A100"),  # SXM4 and PCIe: same tensor-core peak
+    (r"^tpu v4$", "TPU v4"),  # not "TPU v4 lite" (v4i, a different chip)
+    (r"^tpu v5( lite|e)$", "TPU v5e"),
+    (r"^tpu v5p?$", "TPU v5p"),
+    (r"^tpu v6( lite|e)$", "TPU v6e"),
+)
+
+
+def peak_flops(device=None) -> float | None:
+    """bf16 peak FLOP/s of a jax Device or device_kind string (default: the first device).
+
+    None for anything not in the table (CPU included), so MFU is left out rather than wrong.
+    """
+    kind = device if isinstance(device, str) else (device or jax.devices()[0]).device_kind
+    kind = kind.strip().lower()
+    for pattern, name in _DEVICE_KINDS:
+        if re.search(pattern, kind):
+            return PEAK_FLOPS[name]
+    return None
+
+
+def mfu(flops_per_token, tokens_per_step, step_seconds, n_devices, peak) -> float | None:
+    """Model FLOPs utilization in percent: 100 · flops/token · tokens/step / dt / (peak · devices).
+
+    None when the peak is unknown or dt is not positive (nothing meaningful to show).
+    """
+    if peak is None or step_seconds <= 0:
+        return None
+    return 100.0 * flops_per_token * tokens_per_step / step_seconds / (peak * n_devices)

@@ -15,6 +15,7 @@ Layout: kernels are Flax's (in, out). nanochat reasons in torch's (out, in);
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -250,34 +251,39 @@ def loss_fn(params, tokens_BT, targets_BT, config: GPTConfig, *, reduction="mean
     return cross_entropy(forward(params, tokens_BT, config, dtype=dtype, backend=backend), targets_BT, reduction)
 
 
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "backend", "top_k", "greedy"))
+def _next_token(params, buf_1T, pos, key, temperature, *, config, dtype, backend, top_k, greedy):
+    logits = forward(params, buf_1T, config, dtype=dtype, backend=backend)[0, pos - 1]
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][-1]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if greedy:
+        return jnp.argmax(logits)
+    return jax.random.categorical(key, logits / temperature)
+
+
 def generate(params, tokens: list[int], config: GPTConfig, max_tokens: int, *, temperature: float = 0.0,
              top_k: int | None = None, seed: int = 42, dtype=None, backend=None):
     """Naive sampling (spec §3.8): a full forward per token, yielding token ids.
 
-    The sequence lives in a fixed-length buffer so the forward compiles once; causal
-    attention makes the padding after the cursor invisible. The KV-cache engine is the
-    fast path; this is the simple reference it is checked against.
+    The sequence lives in a fixed buffer (length rounded up to a multiple of 128) so one
+    compile serves many prompts; causal attention makes the padding after the cursor
+    invisible. The KV-cache engine is the fast path; this is the simple reference.
     """
     if not tokens:
         raise ValueError("generate needs at least one prompt token")
-    buf_len = len(tokens) + max_tokens
-    if buf_len > 10 * config.sequence_len:
-        raise ValueError(f"prompt + max_tokens = {buf_len} exceeds the rotary range 10·sequence_len")
-
-    @jax.jit
-    def step(params, buf_1T, pos, key):
-        logits = forward(params, buf_1T, config, dtype=dtype, backend=backend)[0, pos - 1]
-        if top_k is not None:
-            kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][-1]
-            logits = jnp.where(logits < kth, -jnp.inf, logits)
-        if temperature == 0.0:
-            return jnp.argmax(logits)
-        return jax.random.categorical(key, logits / temperature)
-
+    need = len(tokens) + max_tokens
+    limit = 10 * config.sequence_len
+    if need > limit:
+        raise ValueError(f"prompt + max_tokens = {need} exceeds the rotary range 10·sequence_len = {limit}")
+    buf_len = min(-(-need // 128) * 128, limit)
+    dtype = resolve_dtype(dtype)
+    backend = resolve_backend(backend, dtype)
     buf = jnp.zeros((1, buf_len), jnp.int32).at[0, :len(tokens)].set(jnp.asarray(tokens, jnp.int32))
     key = jax.random.key(seed)
-    for pos in range(len(tokens), buf_len):
+    for pos in range(len(tokens), need):
         key, sub = jax.random.split(key)
-        nxt = step(params, buf, pos, sub)
+        nxt = _next_token(params, buf, pos, sub, temperature, config=config, dtype=dtype, backend=backend,
+                          top_k=top_k, greedy=temperature == 0.0)
         buf = buf.at[0, pos].set(nxt)
         yield int(nxt)

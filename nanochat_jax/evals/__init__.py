@@ -1,0 +1,1 @@
+"""Evaluation: bits per byte on held-out data (spec §7)."""
