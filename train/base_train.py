@@ -1,0 +1,276 @@
+"""Pretraining (spec §5): one --depth dial → model, horizon, batch size, LRs; then train.
+
+    python -m train.base_train --depth 20                      # nanochat's defaults
+    python -m train.base_train --depth 4 --max-seq-len 256 --device-batch-size 8 \
+        --num-iterations 200 --data-dir D --tokenizer-dir T   # tiny CPU run
+
+Loop as upstream: every pass evaluates val bpb / samples / saves on its cadence, then takes
+one optimizer step of grad_accum micro-batches (one jit). Checkpoints (params, optimizer
+state, data-iterator state, loop state) are async Orbax saves; --resume continues from the
+latest complete one with the same data and loss trajectory, on any mesh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from nanochat_jax import flops, model, optim, scaling, sharding
+from nanochat_jax.checkpoint import Checkpointer, abstract_train_state
+from nanochat_jax.common import mfu, peak_flops, resolve_dtype
+from nanochat_jax.config import config_for_depth
+from nanochat_jax.convert import export_nanochat_checkpoint
+from nanochat_jax.data.dataset import home_dir
+from nanochat_jax.data.pipeline import pretrain_loader, val_batches
+from nanochat_jax.evals.bpb import evaluate_bpb
+from nanochat_jax.report import LossEMA, RunLogger, format_step_line, write_report
+from nanochat_jax.tokenizer import Tokenizer
+from nanochat_jax.train_step import init_train_state, make_train_step
+
+SAMPLE_PROMPTS = ("The capital of France is", "The chemical symbol of gold is",
+                  "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
+                  "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is")
+TIMING_SKIP_STEPS = 10  # total_training_time excludes the first steps (compile, warm-up), as upstream
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = ap.add_argument
+    a("--depth", type=int, default=20, help="the dial: width, heads, horizon, batch and LRs derive from it")
+    a("--aspect-ratio", type=int, default=64)
+    a("--head-dim", type=int, default=128)
+    a("--max-seq-len", type=int, default=2048)
+    a("--window-pattern", default="SSSL")
+    a("--num-iterations", type=int, default=-1, help="explicit horizon (else --target-flops, else the ratio)")
+    a("--target-flops", type=float, default=-1)
+    a("--target-param-data-ratio", type=float, default=12)
+    a("--device-batch-size", type=int, default=32, help="rows per batch-sharded device per micro-step")
+    a("--total-batch-size", type=int, default=-1, help="tokens per optimizer step (-1: from the depth)")
+    a("--embedding-lr", type=float, default=0.3)
+    a("--unembedding-lr", type=float, default=0.008)
+    a("--matrix-lr", type=float, default=0.02)
+    a("--scalar-lr", type=float, default=0.5)
+    a("--weight-decay", type=float, default=0.28)
+    a("--warmup-steps", type=int, default=40)
+    a("--warmdown-ratio", type=float, default=0.65)
+    a("--final-lr-frac", type=float, default=0.05)
+    a("--optimizer", default="nanochat", choices=optim.OPTIMIZERS)
+    a("--resume", action="store_true", help="continue from the latest complete checkpoint in --out-dir")
+    a("--eval-every", type=int, default=250)
+    a("--eval-tokens", type=int, default=80 * 524288)
+    a("--core-metric-every", type=int, default=2000, help="CORE needs the eval bundle (post-training stage)")
+    a("--sample-every", type=int, default=2000)
+    a("--save-every", type=int, default=-1, help="checkpoint cadence in steps (-1: only at the end)")
+    a("--keep-checkpoints", type=int, default=2)
+    a("--model-tag", default=None, help="run name (default d<depth>)")
+    a("--mesh", default="data=-1", help="e.g. data=-1,fsdp=2,model=2")
+    a("--dtype", default=None, help="float32 | bfloat16 (default: by platform)")
+    a("--attention", default="auto", help="auto | xla | cudnn | splash")
+    a("--data-dir", default=None, help="parquet shards (default: ClimbMix dir, else the offline corpus)")
+    a("--tokenizer-dir", default=None)
+    a("--out-dir", default=None, help="run directory (default $NANOCHAT_JAX_HOME/base_checkpoints/<tag>)")
+    a("--seed", type=int, default=0)
+    a("--coordinator", default=None)
+    a("--num-processes", type=int, default=None)
+    a("--process-id", type=int, default=None)
+    return ap.parse_args(argv)
+
+
+@dataclasses.dataclass
+class Plan:
+    """Every number the dial derives, printed at start and stored in the checkpoint meta."""
+    total_batch_size: int
+    num_iterations: int
+    rows_per_micro: int
+    grad_accum: int
+    flops_per_token: int
+    batch_lr_scale: float
+    muon_weight_decay: float
+
+
+def make_plan(args, config, mesh) -> Plan:
+    B = args.total_batch_size if args.total_batch_size > 0 else scaling.auto_total_batch_size(
+        config, args.target_param_data_ratio, args.aspect_ratio)
+    N = scaling.num_iterations(config, B, num_iterations=args.num_iterations, target_flops=args.target_flops,
+                               param_data_ratio=args.target_param_data_ratio)
+    rows = args.device_batch_size * mesh.shape["data"] * mesh.shape["fsdp"]
+    tokens_per_micro = rows * config.sequence_len
+    if B % tokens_per_micro:
+        raise SystemExit(f"error: total batch {B} tokens is not a multiple of one micro-step "
+                         f"({args.device_batch_size} rows x {mesh.shape['data'] * mesh.shape['fsdp']} batch-sharded devices "
+                         f"x {config.sequence_len} tokens = {tokens_per_micro}); change --total-batch-size, "
+                         "--device-batch-size or --max-seq-len")
+    return Plan(B, N, rows, B // tokens_per_micro, flops.estimate_flops(config), scaling.batch_lr_scale(B),
+                scaling.muon_weight_decay(config, B, args.weight_decay, args.target_param_data_ratio, args.aspect_ratio))
+
+
+def default_data_dir() -> Path:
+    climbmix = home_dir() / "base_data_climbmix"
+    return climbmix if len(list(climbmix.glob("*.parquet"))) >= 2 else home_dir() / "base_data_offline"
+
+
+def sample(params, config, tok, dtype, backend, max_tokens=16) -> list[str]:
+    out = []
+    for prompt in SAMPLE_PROMPTS:
+        ids = tok.encode(prompt, prepend=tok.bos_token_id)
+        new = list(model.generate(params, ids, config, max_tokens, temperature=0.0, dtype=dtype, backend=backend))
+        out.append(prompt + tok.decode(new))
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    main_proc = sharding.is_main_process()
+    jax.config.update("jax_compilation_cache_dir", str(home_dir() / "jax_cache"))  # persistent compile cache
+    say = print if main_proc else (lambda *a, **k: None)
+
+    tag = args.model_tag or f"d{args.depth}"
+    out_dir = Path(args.out_dir) if args.out_dir else home_dir() / "base_checkpoints" / tag
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    tok_dir = Path(args.tokenizer_dir) if args.tokenizer_dir else home_dir() / "tokenizer"
+    tok = Tokenizer.load(tok_dir)
+    dtype = resolve_dtype(args.dtype)
+    config = config_for_depth(args.depth, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim,
+                              max_seq_len=args.max_seq_len, window_pattern=args.window_pattern,
+                              vocab_size=tok.vocab_size)
+    mesh = sharding.make_mesh(args.mesh)
+    plan = make_plan(args, config, mesh)
+    sharding.validate(config, mesh, plan.rows_per_micro)
+    say(flops.summary(config))
+    say(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].device_kind} device(s), "
+        f"{jax.process_count()} process(es); compute {dtype.name}")
+    say("plan: " + json.dumps(dataclasses.asdict(plan)))
+
+    tx = optim.optimizer_for(config, plan.num_iterations, plan.total_batch_size, name=args.optimizer,
+                             embedding_lr=args.embedding_lr, unembedding_lr=args.unembedding_lr,
+                             matrix_lr=args.matrix_lr, scalar_lr=args.scalar_lr, weight_decay=args.weight_decay,
+                             param_data_ratio=args.target_param_data_ratio, aspect_ratio=args.aspect_ratio,
+                             warmup_steps=args.warmup_steps, warmdown_ratio=args.warmdown_ratio,
+                             final_lr_frac=args.final_lr_frac, dtype=dtype)
+    train_step = make_train_step(config, tx, mesh, dtype=dtype, backend=args.attention)
+    batch_sh = sharding.batch_sharding(mesh, leading=1)
+    micro_shape = (plan.grad_accum, plan.rows_per_micro, config.sequence_len)
+    rows = sharding.process_rows(batch_sh, micro_shape, dim=1)
+    local_rows = rows.stop - rows.start
+    encode = lambda texts: tok.encode(texts, prepend=tok.bos_token_id)  # noqa: E731
+    p_idx, p_cnt = jax.process_index(), jax.process_count()
+    train_iter = iter(pretrain_loader(data_dir, encode, tok.bos_token_id, local_rows, config.sequence_len,
+                                      process_index=p_idx, process_count=p_cnt))
+    eval_batches = None
+    if args.eval_every > 0:
+        n_eval = max(1, args.eval_tokens // (plan.rows_per_micro * config.sequence_len))
+        eval_batches = val_batches(data_dir, encode, tok.bos_token_id, local_rows, config.sequence_len, n_eval,
+                                   process_index=p_idx, process_count=p_cnt)
+        eval_batches = [{k: sharding.global_batch(v, sharding.batch_sharding(mesh)) for k, v in b.items()}
+                        for b in eval_batches]
+
+    try:
+        ckpt = Checkpointer(out_dir / "checkpoints", max_to_keep=args.keep_checkpoints)
+    except OSError as e:
+        raise SystemExit(f"error: cannot write the run directory {out_dir}: {e}") from None
+    loop = {"min_val_bpb": float("inf"), "ema_smooth": 0.0, "ema_n": 0, "total_training_time": 0.0}
+    step, val_bpb = 0, None
+    if args.resume:
+        latest = ckpt.latest_step()
+        if latest is None:
+            raise SystemExit(f"error: --resume but there is no complete checkpoint in {out_dir / 'checkpoints'}")
+        try:
+            state, meta = ckpt.restore(latest, target=abstract_train_state(config, tx, mesh, dtype),
+                                       data_iterator=train_iter, config=config)
+        except ValueError as e:
+            raise SystemExit(f"error: cannot resume from {out_dir / 'checkpoints'}: {e}") from None
+        step, loop, val_bpb = meta["step"], meta["loop_state"], meta.get("val_bpb")
+        say(f"resumed from step {step} ({out_dir / 'checkpoints'})")
+    else:
+        state = init_train_state(config, tx, mesh, jax.random.key(args.seed), dtype)
+    resume_step = step
+
+    logger = RunLogger(out_dir, enabled=main_proc)
+    ema = LossEMA(beta=0.9, smooth=loop["ema_smooth"], n=loop["ema_n"])
+    peak = peak_flops()
+    tokens_per_step = plan.total_batch_size
+    backend = args.attention
+    bar = tqdm(total=plan.num_iterations, initial=step, disable=not main_proc or not sys.stderr.isatty(),
+               desc=f"base_train {tag}")
+    first_step_s = None
+    while True:
+        last = step == plan.num_iterations
+        if eval_batches is not None and (last or step % args.eval_every == 0):
+            val_bpb = evaluate_bpb(state.params, eval_batches, config, tok.token_bytes, dtype=dtype, backend=backend)
+            loop["min_val_bpb"] = min(loop["min_val_bpb"], val_bpb)
+            say(f"step {step:05d} | val bpb {val_bpb:.4f}")
+            logger.log(step, **{"val/bpb": val_bpb})
+        if main_proc and args.sample_every > 0 and (last or (step > 0 and step % args.sample_every == 0)):
+            for line in sample(jax.device_get(state.params), config, tok, dtype, backend):
+                say("  sample: " + line.replace("\n", " "))
+        if last or (args.save_every > 0 and step > 0 and step % args.save_every == 0 and step != resume_step):
+            meta = {"step": step, "val_bpb": val_bpb, "model_config": config.to_dict(), "user_config": vars(args),
+                    "plan": dataclasses.asdict(plan), "device_batch_size": args.device_batch_size,
+                    "max_seq_len": config.sequence_len, "total_batch_size": plan.total_batch_size,
+                    "loop_state": {**loop, "ema_smooth": ema.smooth, "ema_n": ema.n}}
+            ckpt.save(step, state, data_iterator=train_iter, meta=meta)
+        if last:
+            break
+
+        t0 = time.perf_counter()
+        micro = [next(train_iter) for _ in range(plan.grad_accum)]
+        inputs = sharding.global_batch(np.stack([b["inputs"] for b in micro]), batch_sh)
+        targets = sharding.global_batch(np.stack([b["targets"] for b in micro]), batch_sh)
+        state, metrics = train_step(state, inputs, targets)
+        loss = float(metrics["loss"])
+        dt = time.perf_counter() - t0
+        if first_step_s is None:
+            first_step_s = dt
+            say(f"first step (compile + run) {dt:.1f}s")
+        if step - resume_step >= TIMING_SKIP_STEPS:
+            loop["total_training_time"] += dt
+        smooth = ema.update(loss)
+        lrm = float(optim.lr_multiplier(step, plan.num_iterations, args.warmup_steps, args.warmdown_ratio,
+                                        args.final_lr_frac))
+        step_mfu = mfu(plan.flops_per_token, tokens_per_step, dt, jax.device_count(), peak)
+        line = format_step_line(step=step, num_steps=plan.num_iterations, loss=smooth, lrm=lrm, dt=dt,
+                                tokens_per_step=tokens_per_step, mfu=step_mfu, total_time=loop["total_training_time"])
+        if bar.disable:
+            say(line)
+        else:
+            bar.update(1)
+            bar.set_postfix_str(f"loss {smooth:.4f}")
+        logger.log(step, **{"train/loss": smooth, "train/loss_raw": loss, "train/lrm": lrm, "train/dt": dt,
+                            "train/tok_per_s": tokens_per_step / dt,
+                            **({"train/mfu": step_mfu} if step_mfu is not None else {})})
+        step += 1
+        if step == 1:
+            gc.collect()
+            gc.freeze()  # nothing allocated so far needs scanning again (upstream does the same)
+    bar.close()
+    ckpt.wait()
+    if main_proc:
+        export_nanochat_checkpoint(jax.device_get(state.params), config, out_dir / "nanochat", step=step,
+                                   meta={"val_bpb": val_bpb, "user_config": vars(args)})
+        write_report(out_dir, f"base_train {tag}", {
+            "model": {"depth": args.depth, "n_embd": config.n_embd, "params": flops.num_scaling_params(config)["total"],
+                      "flops_per_token": plan.flops_per_token},
+            "run": {**dataclasses.asdict(plan), "mesh": dict(mesh.shape), "dtype": dtype.name,
+                    "first_step_s": first_step_s, "total_training_time_s": loop["total_training_time"],
+                    "final_val_bpb": val_bpb, "min_val_bpb": loop["min_val_bpb"], "final_train_loss": ema.value},
+        }, out_dir / "metrics.jsonl")
+        say(f"done: {step} steps, val bpb {val_bpb}, checkpoints in {out_dir / 'checkpoints'}, "
+            f"nanochat export in {out_dir / 'nanochat'}, report {out_dir / 'report.md'}")
+    logger.close()
+    ckpt.close()
+    if hasattr(train_iter, "close"):
+        train_iter.close()
+
+
+if __name__ == "__main__":
+    main()
