@@ -143,9 +143,12 @@ def main(argv=None):
     config = config_for_depth(args.depth, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim,
                               max_seq_len=args.max_seq_len, window_pattern=args.window_pattern,
                               vocab_size=tok.vocab_size)
-    mesh = sharding.make_mesh(args.mesh)
-    plan = make_plan(args, config, mesh)
-    sharding.validate(config, mesh, plan.rows_per_micro)
+    try:
+        mesh = sharding.make_mesh(args.mesh)
+        plan = make_plan(args, config, mesh)
+        sharding.validate(config, mesh, plan.rows_per_micro)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     say(flops.summary(config))
     say(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].device_kind} device(s), "
         f"{jax.process_count()} process(es); compute {dtype.name}")
