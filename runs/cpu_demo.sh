@@ -19,6 +19,6 @@ echo "== 3/3 pretraining d4 =="
 # The dial's LR scaling assumes >= 0.5M-token batches; at 4k tokens per step the LRs are
 # raised back by hand so a few hundred steps learn something visible.
 exec $PY -m train.base_train --depth 4 --max-seq-len 256 --window-pattern L --device-batch-size 16 \
-  --total-batch-size 4096 --num-iterations 300 --warmup-steps 20 --eval-every 100 --eval-tokens 65536 \
+  --total-batch-size 4096 --num-iterations 300 --warmup-steps 20 --eval-every 100 --eval-tokens 32768 \
   --sample-every 150 --matrix-lr 0.1 --embedding-lr 1.0 --unembedding-lr 0.03 --scalar-lr 1.0 \
   --data-dir "$DATA" --tokenizer-dir "$TOK" --out-dir "$NANOCHAT_JAX_HOME/base_checkpoints/d4" "$@"

@@ -153,6 +153,9 @@ def main(argv=None):
     say(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].device_kind} device(s), "
         f"{jax.process_count()} process(es); compute {dtype.name}")
     say("plan: " + json.dumps(dataclasses.asdict(plan)))
+    if args.core_metric_every > 0:
+        say("note: CORE evaluation needs the eval bundle and arrives with the post-training stage; "
+            "--core-metric-every is not used yet")
 
     tx = optim.optimizer_for(config, plan.num_iterations, plan.total_batch_size, name=args.optimizer,
                              embedding_lr=args.embedding_lr, unembedding_lr=args.unembedding_lr,
