@@ -103,7 +103,10 @@ class Linear(nn.Module):
     def __call__(self, x):
         kernel = self.param("kernel", nn.with_logical_partitioning(self.init, self.axes),
                             (x.shape[-1], self.features), jnp.float32)
-        return x @ kernel.astype(x.dtype)
+        # One 2-D GEMM over all leading dims: XLA:CPU runs the backward of a (B, T, C) dot
+        # contracting two dims ~2x slower than the same product on (B·T, C).
+        y = x.reshape(-1, x.shape[-1]) @ kernel.astype(x.dtype)
+        return y.reshape(*x.shape[:-1], self.features)
 
 
 class Attention(nn.Module):
