@@ -1,0 +1,408 @@
+"""KV-cache inference (spec §8): jitted prefill / insert / generate_step, and the host Engine.
+
+The serving shape is JetStream's (jax-anchors §5): a prompt is prefilled once at batch 1,
+padded to a length bucket so only a few shapes ever compile; the result is inserted into
+one row ("slot") of a fixed-size decode state; each generate_step advances every running
+slot by one token and samples on device. Each slot carries its own length, RNG key and
+sampling parameters, so requests of different ages share one step (continuous batching),
+and a request's tokens do not depend on what runs in the other slots.
+
+The cached forward re-states model.GPT.__call__ as a pure function of the same params
+tree, reading and writing k/v at per-slot positions; it must equal `model.forward` at
+every position (same rotary offsets, smear, value embeddings, backout and windows).
+
+The jitted core never sees a tokenizer: the host Engine owns the calculator tool (§8.4),
+whose state machine forces `<|output_start|> result <|output_end|>` into a row.
+"""
+
+from __future__ import annotations
+
+import ast
+import collections
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nanochat_jax.common import resolve_dtype
+from nanochat_jax.config import SMEAR_CHANNELS, VE_GATE_CHANNELS, GPTConfig
+from nanochat_jax.model import QK_SCALE, SOFTCAP, apply_rotary, rms_norm, rotary_tables
+
+RUNNING, STOP, LENGTH, FREE = 0, 1, 2, 3  # per-slot finish codes
+FINISH_REASONS = {STOP: "stop", LENGTH: "length"}
+MIN_BUCKET = 16
+
+
+class DecodeState(NamedTuple):
+    """Everything a decode step needs, one row per slot (a pytree, donated across steps).
+
+    `last_token_S` is the newest token of each slot: already reported to the host, not
+    yet in the cache (the next step feeds it). `lengths_S` counts cached tokens.
+    """
+
+    k_LSTKD: jax.Array
+    v_LSTKD: jax.Array
+    lengths_S: jax.Array  # int32, tokens in the cache
+    limit_S: jax.Array  # int32, total tokens (prompt + generated) the slot may reach
+    prev_SC: jax.Array  # normalized pre-smear embedding of the last cached token
+    last_token_S: jax.Array  # int32
+    finish_S: jax.Array  # int32: RUNNING, STOP, LENGTH or FREE
+    keys_SK: jax.Array  # raw PRNG key data per slot
+    temperature_S: jax.Array  # 0 = greedy
+    top_k_S: jax.Array  # int32, 0 = off
+    top_p_S: jax.Array  # 1 = off
+    stop_ids_N: jax.Array  # int32 ids that end a row (<|assistant_end|>, <|bos|>)
+
+
+class Prefix(NamedTuple):
+    """A prefilled prompt: a one-row cache of bucket length and its next-token logits."""
+
+    k_L1TKD: jax.Array
+    v_L1TKD: jax.Array
+    length: jax.Array  # int32 scalar, the true prompt length
+    prev_C: jax.Array
+    logits_V: jax.Array  # fp32 logits after the last prompt token
+
+
+# ---- the cached forward ------------------------------------------------------------------
+
+def _dense(x, kernel):
+    """model.Linear's arithmetic: one 2-D GEMM with the fp32 master cast to x's dtype."""
+    y = x.reshape(-1, x.shape[-1]) @ kernel.astype(x.dtype)
+    return y.reshape(*x.shape[:-1], kernel.shape[-1])
+
+
+def _attend(q_BTHD, k_BSKD, v_BSKD, pos_BT, window_left: int):
+    """Query at position p sees cache entries j with p - window_left <= j <= p (training's rule)."""
+    B, T, H, hd = q_BTHD.shape
+    Hkv = k_BSKD.shape[2]
+    q_BTKGD = q_BTHD.reshape(B, T, Hkv, H // Hkv, hd)
+    s_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BSKD, preferred_element_type=jnp.float32) * hd ** -0.5
+    j_S = jnp.arange(k_BSKD.shape[1])
+    ok_BTS = (j_S[None, None] <= pos_BT[..., None]) & (j_S[None, None] >= pos_BT[..., None] - window_left)
+    # A finite fill keeps rows with nothing to see (slots not written this step) NaN-free.
+    s_BKGTS = jnp.where(ok_BTS[:, None, None], s_BKGTS, jnp.finfo(jnp.float32).min)
+    p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1).astype(v_BSKD.dtype)
+    y_BTKGD = jnp.einsum("bkgts,bskd->btkgd", p_BKGTS, v_BSKD)
+    return y_BTKGD.reshape(B, T, H * hd)
+
+
+def forward_cached(params, tokens_BT, k_LBSKD, v_LBSKD, lengths_B, prev_BC, n_new_B, *, config: GPTConfig, dtype):
+    """Forward tokens at positions lengths_B + t, writing their k/v into the cache.
+
+    Only the first n_new_B tokens of a row are real: later ones (prompt padding, idle
+    slots) write nothing and never reach real queries. Returns (fp32 softcapped logits
+    (B, T, V), k, v, prev_BC updated to the last real token's pre-smear embedding).
+    """
+    cfg, cd = config, resolve_dtype(dtype)
+    B, T = tokens_BT.shape
+    S = k_LBSKD.shape[2]
+    H, Hkv, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    pos_BT = lengths_B[:, None] + jnp.arange(T)[None]
+    real_BT = jnp.arange(T)[None] < n_new_B[:, None]
+    write_BT = jnp.where(real_BT, pos_BT, S)  # index S is out of bounds: the scatter drops it
+    row_BT = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
+
+    x = rms_norm(params["wte"][tokens_BT].astype(cd))
+    last = jnp.maximum(n_new_B - 1, 0)
+    new_prev_BC = jnp.where((n_new_B > 0)[:, None], x[jnp.arange(B), last], prev_BC.astype(cd))
+    # Smear: position 0 of a sequence has no predecessor; position 0 of this chunk takes
+    # it from the cache.
+    prev_BTC = jnp.concatenate([prev_BC.astype(cd)[:, None], x[:, :-1]], axis=1)
+    gate_BT1 = params["smear_lambda"].astype(cd) * jax.nn.sigmoid(
+        _dense(x[..., :SMEAR_CHANNELS], params["smear_gate"]["kernel"]))
+    x = jnp.where((pos_BT > 0)[..., None], x + gate_BT1 * prev_BTC, x)
+    x0 = x
+
+    cos_BTD, sin_BTD = jax.vmap(lambda off: rotary_tables(T, hd, cd, off))(lengths_B)
+    rotary = jax.vmap(lambda t, c, s: apply_rotary(t[None], c, s)[0])
+    x_backout = None
+    for i in range(cfg.n_layer):
+        p = params[f"h_{i}"]
+        x = params["resid_lambdas"][i].astype(cd) * x + params["x0_lambdas"][i].astype(cd) * x0
+        xn = rms_norm(x)
+        q = _dense(xn, p["attn"]["c_q"]["kernel"]).reshape(B, T, H, hd)
+        k = _dense(xn, p["attn"]["c_k"]["kernel"]).reshape(B, T, Hkv, hd)
+        v = _dense(xn, p["attn"]["c_v"]["kernel"]).reshape(B, T, Hkv, hd)
+        if cfg.has_ve(i):
+            gate = _dense(xn[..., :VE_GATE_CHANNELS], p["attn"]["ve_gate"]["kernel"])
+            ve = params[f"ve_{i}"][tokens_BT].astype(cd).reshape(B, T, Hkv, hd)
+            v = v + (3 * jax.nn.sigmoid(gate))[..., None] * ve
+        q, k = rotary(q, cos_BTD, sin_BTD), rotary(k, cos_BTD, sin_BTD)
+        q, k = rms_norm(q) * QK_SCALE, rms_norm(k) * QK_SCALE
+        k_LBSKD = k_LBSKD.at[i, row_BT, write_BT].set(k.astype(k_LBSKD.dtype), mode="drop")
+        v_LBSKD = v_LBSKD.at[i, row_BT, write_BT].set(v.astype(v_LBSKD.dtype), mode="drop")
+        y = _attend(q, k_LBSKD[i], v_LBSKD[i], pos_BT, cfg.window_sizes[i]).astype(cd)
+        x = x + _dense(y, p["attn"]["c_proj"]["kernel"])
+        h = jnp.square(jax.nn.relu(_dense(rms_norm(x), p["mlp"]["c_fc"]["kernel"])))
+        x = x + _dense(h, p["mlp"]["c_proj"]["kernel"])
+        if i == cfg.backout_layer:
+            x_backout = x
+    x = rms_norm(x - params["backout_lambda"].astype(cd) * x_backout)
+    logits = _dense(x, params["lm_head"]["kernel"])[..., :cfg.vocab_size].astype(jnp.float32)
+    return SOFTCAP * jnp.tanh(logits / SOFTCAP), k_LBSKD, v_LBSKD, new_prev_BC
+
+
+# ---- sampling -------------------------------------------------------------------------------
+
+def sample_logits(logits_SV, keys_SK, temperature_S, top_k_S, top_p_S):
+    """One token per row: temperature 0 = argmax; else top-k (0 = off), then top-p (1 = off)
+    over the tempered distribution, then a categorical draw with the row's own key."""
+    V = logits_SV.shape[-1]
+    sorted_SV = -jnp.sort(-logits_SV, axis=-1)
+    k_S = jnp.where(top_k_S > 0, jnp.clip(top_k_S, 1, V), V)
+    kth_S1 = jnp.take_along_axis(sorted_SV, (k_S - 1)[:, None], axis=-1)
+    t_S1 = jnp.where(temperature_S > 0, temperature_S, 1.0)[:, None]
+    scaled_SV = jnp.where(logits_SV < kth_S1, -jnp.inf, logits_SV / t_S1)
+    sorted_scaled_SV = jnp.where(jnp.arange(V)[None] < k_S[:, None], sorted_SV / t_S1, -jnp.inf)
+    probs_SV = jax.nn.softmax(sorted_scaled_SV, axis=-1)
+    keep_SV = jnp.cumsum(probs_SV, axis=-1) - probs_SV < top_p_S[:, None]  # the smallest set with mass >= p
+    cutoff_S1 = jnp.min(jnp.where(keep_SV, sorted_scaled_SV, jnp.inf), axis=-1, keepdims=True)
+    scaled_SV = jnp.where(scaled_SV < cutoff_S1, -jnp.inf, scaled_SV)
+    keys = jax.vmap(jax.random.wrap_key_data)(keys_SK)
+    sampled_S = jax.vmap(jax.random.categorical)(keys, scaled_SV)
+    return jnp.where(temperature_S > 0, sampled_S, jnp.argmax(logits_SV, axis=-1)).astype(jnp.int32)
+
+
+def _split_keys(keys_SK):
+    """(next key, subkey for this draw) per slot, as raw key data."""
+    keys = jax.vmap(jax.random.wrap_key_data)(keys_SK)
+    nxt, sub = jax.vmap(jax.random.split, out_axes=1)(keys)
+    return jax.random.key_data(nxt), jax.random.key_data(sub)
+
+
+def _finish(token_S, total_S, limit_S, stop_ids_N):
+    stop_S = jnp.any(token_S[:, None] == stop_ids_N[None], axis=-1)
+    return jnp.where(stop_S, STOP, jnp.where(total_S >= limit_S, LENGTH, RUNNING)).astype(jnp.int32)
+
+
+# ---- the jitted core: init_state / prefill / insert / generate_step ----------------------------
+
+def init_state(config: GPTConfig, slots: int, max_len: int, stop_ids, dtype=None) -> DecodeState:
+    """An empty decode state: `slots` free rows of a `max_len`-token cache."""
+    cd = resolve_dtype(dtype)
+    cache = jnp.zeros((config.n_layer, slots, max_len, config.n_kv_head, config.head_dim), cd)
+    key_shape = jax.random.key_data(jax.random.key(0)).shape
+    zeros_i = lambda: jnp.zeros((slots,), jnp.int32)  # noqa: E731  (fresh buffers: the state is donated)
+    return DecodeState(
+        k_LSTKD=cache, v_LSTKD=jnp.zeros_like(cache), lengths_S=zeros_i(), limit_S=zeros_i(),
+        prev_SC=jnp.zeros((slots, config.n_embd), cd), last_token_S=zeros_i(),
+        finish_S=jnp.full((slots,), FREE, jnp.int32), keys_SK=jnp.zeros((slots, *key_shape), jnp.uint32),
+        temperature_S=jnp.zeros((slots,), jnp.float32), top_k_S=zeros_i(), top_p_S=jnp.ones((slots,), jnp.float32),
+        stop_ids_N=jnp.asarray(stop_ids, jnp.int32).reshape(-1))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype"))
+def prefill(params, tokens_1T, length, *, config: GPTConfig, dtype=None) -> Prefix:
+    """Prefill one prompt padded to a bucket length T (one compile per bucket)."""
+    cd = resolve_dtype(dtype)
+    T = tokens_1T.shape[1]
+    cache = jnp.zeros((config.n_layer, 1, T, config.n_kv_head, config.head_dim), cd)
+    length = jnp.asarray(length, jnp.int32)
+    logits, k, v, prev = forward_cached(params, tokens_1T, cache, cache, jnp.zeros((1,), jnp.int32),
+                                        jnp.zeros((1, config.n_embd), cd), length[None], config=config, dtype=cd)
+    return Prefix(k, v, length, prev[0], logits[0, length - 1])
+
+
+def bucket_length(n: int, max_len: int) -> int:
+    """Prompt buckets: powers of two from MIN_BUCKET, capped at the cache length."""
+    return min(max(MIN_BUCKET, 1 << (n - 1).bit_length()), max_len)
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def insert(state: DecodeState, prefix: Prefix, slot, key_data, temperature, top_k, top_p, max_tokens) -> DecodeState:
+    """Put a prefix into `slot` and sample its first token from the prefill logits.
+
+    The slot's whole cache row is rewritten up to the bucket length; stale entries past it
+    sit beyond the slot's length and are overwritten before any query can see them.
+    """
+    slot = jnp.asarray(slot, jnp.int32)
+    zero = jnp.zeros((), jnp.int32)
+    k = jax.lax.dynamic_update_slice(state.k_LSTKD, prefix.k_L1TKD.astype(state.k_LSTKD.dtype), (zero, slot, zero, zero, zero))
+    v = jax.lax.dynamic_update_slice(state.v_LSTKD, prefix.v_L1TKD.astype(state.v_LSTKD.dtype), (zero, slot, zero, zero, zero))
+    temperature = jnp.asarray(temperature, jnp.float32)[None]
+    top_k = jnp.asarray(top_k, jnp.int32)[None]
+    top_p = jnp.asarray(top_p, jnp.float32)[None]
+    keys_1K, sub_1K = _split_keys(jnp.asarray(key_data, jnp.uint32)[None])
+    token = sample_logits(prefix.logits_V[None], sub_1K, temperature, top_k, top_p)
+    limit = jnp.minimum(prefix.length + max_tokens, state.k_LSTKD.shape[2])[None].astype(jnp.int32)
+    finish = _finish(token, prefix.length[None] + 1, limit, state.stop_ids_N)
+    put = lambda a, val: a.at[slot].set(val[0].astype(a.dtype))  # noqa: E731
+    return state._replace(
+        k_LSTKD=k, v_LSTKD=v, lengths_S=put(state.lengths_S, prefix.length[None]), limit_S=put(state.limit_S, limit),
+        prev_SC=put(state.prev_SC, prefix.prev_C[None]), last_token_S=put(state.last_token_S, token),
+        finish_S=put(state.finish_S, finish), keys_SK=put(state.keys_SK, keys_1K),
+        temperature_S=put(state.temperature_S, temperature), top_k_S=put(state.top_k_S, top_k),
+        top_p_S=put(state.top_p_S, top_p))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype"), donate_argnums=(0,))
+def generate_step(state: DecodeState, params, forced_S, *, config: GPTConfig, dtype=None):
+    """Feed every running slot its last token and pick the next one.
+
+    forced_S >= 0 replaces that slot's sample (tool output); the draw still consumes the
+    slot's RNG, as upstream. Finished and free slots are left untouched. Returns
+    (state, tokens_S, finish_S).
+    """
+    running_S = state.finish_S == RUNNING
+    logits, k, v, prev = forward_cached(params, state.last_token_S[:, None], state.k_LSTKD, state.v_LSTKD,
+                                        state.lengths_S, state.prev_SC, running_S.astype(jnp.int32),
+                                        config=config, dtype=dtype)
+    keys_SK, sub_SK = _split_keys(state.keys_SK)
+    sampled_S = sample_logits(logits[:, 0], sub_SK, state.temperature_S, state.top_k_S, state.top_p_S)
+    token_S = jnp.where(running_S, jnp.where(forced_S >= 0, forced_S, sampled_S), state.last_token_S)
+    lengths_S = state.lengths_S + running_S
+    finish_S = jnp.where(running_S, _finish(token_S, lengths_S + 1, state.limit_S, state.stop_ids_N), state.finish_S)
+    state = state._replace(k_LSTKD=k, v_LSTKD=v, lengths_S=lengths_S, prev_SC=prev, last_token_S=token_S,
+                           finish_S=finish_S, keys_SK=jnp.where(running_S[:, None], keys_SK, state.keys_SK))
+    return state, token_S, finish_S
+
+
+# ---- calculator tool (spec §8.4) ----------------------------------------------------------------
+
+_ARITH_CHARS = set("0123456789*+-/.() ")
+_COUNT_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789'\"()._ ")
+_BIN_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+            ast.Div: lambda a, b: a / b, ast.FloorDiv: lambda a, b: a // b}
+_MAX_DIGITS = 1000  # bounds the work a chain of multiplications can ask for
+
+
+def _eval_node(node):
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return node.value
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
+        x = _eval_node(node.operand)
+        return x if isinstance(node.op, ast.UAdd) else -x
+    if isinstance(node, ast.BinOp) and type(node.op) in _BIN_OPS:
+        out = _BIN_OPS[type(node.op)](_eval_node(node.left), _eval_node(node.right))
+        if isinstance(out, int) and abs(out).bit_length() > 3.33 * _MAX_DIGITS:
+            raise ValueError("result too large")
+        return out
+    raise ValueError(f"disallowed syntax {type(node).__name__}")
+
+
+def use_calculator(expr: str):
+    """Upstream's calculator without eval: arithmetic (+ - * / // and parentheses, no **) or
+    the string form '<str>.count(<str>)'. Anything else, or any error, gives None."""
+    expr = expr.replace(",", "")
+    try:
+        tree = ast.parse(expr.strip(), mode="eval").body
+        if set(expr) <= _ARITH_CHARS:
+            return None if "**" in expr else _eval_node(tree)
+        if set(expr) <= _COUNT_CHARS and ".count(" in expr:
+            if (isinstance(tree, ast.Call) and isinstance(tree.func, ast.Attribute) and tree.func.attr == "count"
+                    and isinstance(tree.func.value, ast.Constant) and isinstance(tree.func.value.value, str)
+                    and len(tree.args) == 1 and not tree.keywords
+                    and isinstance(tree.args[0], ast.Constant) and isinstance(tree.args[0].value, str)):
+                return tree.func.value.value.count(tree.args[0].value)
+    except (SyntaxError, ValueError, ZeroDivisionError, OverflowError, RecursionError, MemoryError, TypeError):
+        return None
+    return None
+
+
+class _ToolRow:
+    """One row's calculator state machine and its queue of forced tokens."""
+
+    def __init__(self):
+        self.in_python, self.expr, self.forced = False, [], collections.deque()
+
+    def see(self, token: int, sp: dict, tokenizer) -> None:
+        if token == sp["<|python_start|>"]:
+            self.in_python, self.expr = True, []
+        elif token == sp["<|python_end|>"] and self.in_python:
+            result = use_calculator(tokenizer.decode(self.expr))
+            if result is not None:
+                self.forced.extend([sp["<|output_start|>"], *tokenizer.encode(str(result)), sp["<|output_end|>"]])
+            self.in_python = False
+        elif self.in_python:
+            self.expr.append(token)
+
+
+# ---- host side ---------------------------------------------------------------------------------
+
+class Completion(NamedTuple):
+    tokens: list  # generated ids, without the stop token
+    masks: list  # 1 sampled, 0 forced
+    finish_reason: str  # "stop" or "length"
+
+
+class Engine:
+    """Streaming generation over the jitted core (upstream's Engine API, plus top_p)."""
+
+    def __init__(self, params, config: GPTConfig, tokenizer, dtype=None):
+        self.params, self.config, self.tokenizer = params, config, tokenizer
+        self.dtype = resolve_dtype(dtype)
+        names = ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>",
+                 "<|assistant_end|>", "<|bos|>")
+        self.special = {s: tokenizer.encode_special(s) for s in names}
+        self.stop_ids = (self.special["<|assistant_end|>"], self.special["<|bos|>"])
+
+    def prefill(self, tokens: list[int], max_len: int) -> Prefix:
+        n = len(tokens)
+        T = bucket_length(n, max_len)
+        padded = np.zeros((1, T), np.int32)
+        padded[0, :n] = tokens
+        return prefill(self.params, jnp.asarray(padded), n, config=self.config, dtype=self.dtype)
+
+    def _stream(self, tokens, num_samples, max_tokens, temperature, top_k, top_p, seed):
+        """Yields (token column, masks, fresh) where fresh marks rows that produced a new token."""
+        if not tokens:
+            raise ValueError("generate needs at least one prompt token")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        n = len(tokens)
+        cap = self.config.sequence_len if max_tokens is None else n + max_tokens
+        if n >= cap:
+            raise ValueError(f"prompt of {n} tokens leaves no room under the {cap}-token limit")
+        max_len = -(-cap // 128) * 128  # round up so nearby requests share one compile
+        state = init_state(self.config, num_samples, max_len, self.stop_ids, self.dtype)
+        prefix = self.prefill(tokens, max_len)
+        base = jax.random.key(seed)
+        for row in range(num_samples):  # one prefill, N independently sampled rows
+            key_data = jax.random.key_data(jax.random.fold_in(base, row))
+            state = insert(state, prefix, row, key_data, temperature, top_k or 0,
+                           1.0 if top_p is None else top_p, cap - n)
+        column, finish = np.asarray(state.last_token_S), np.asarray(state.finish_S)
+        fresh, masks = np.ones(num_samples, bool), np.ones(num_samples, np.int32)
+        tools = [_ToolRow() for _ in range(num_samples)]
+        while True:
+            for r in np.flatnonzero(fresh):
+                tools[r].see(int(column[r]), self.special, self.tokenizer)
+            yield column.tolist(), masks.tolist(), fresh.tolist(), finish.tolist()
+            if (finish != RUNNING).all():
+                return
+            forced = np.array([t.forced.popleft() if t.forced and f == RUNNING else -1
+                               for t, f in zip(tools, finish)], np.int32)
+            fresh = finish == RUNNING
+            state, column, finish = generate_step(state, self.params, jnp.asarray(forced),
+                                                  config=self.config, dtype=self.dtype)
+            column, finish = np.asarray(column), np.asarray(finish)
+            masks = (fresh & (forced < 0)).astype(np.int32)
+
+    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None, seed=42):
+        """Yields (token_column, token_masks) per step; mask 0 = forced (or an already finished row)."""
+        for column, masks, _, _ in self._stream(tokens, num_samples, max_tokens, temperature, top_k, top_p, seed):
+            yield column, masks
+
+    def complete(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None,
+                 seed=42) -> list[Completion]:
+        """Run to the end: each row's generated tokens (stop token excluded) and finish reason."""
+        out = [([], []) for _ in range(num_samples)]
+        finish = [RUNNING] * num_samples
+        stop = set(self.stop_ids)
+        for column, masks, fresh, finish in self._stream(tokens, num_samples, max_tokens, temperature, top_k, top_p,
+                                                         seed):
+            for r in range(num_samples):
+                if fresh[r] and column[r] not in stop:
+                    out[r][0].append(column[r])
+                    out[r][1].append(masks[r])
+        return [Completion(t, m, FINISH_REASONS.get(f, "length")) for (t, m), f in zip(out, finish)]
+
+    def generate_batch(self, tokens, num_samples=1, **kw):
+        """Upstream's (results, masks): prompt + generated ids per row, masks 0 on prompt and forced tokens."""
+        done = self.complete(tokens, num_samples, **kw)
+        return [list(tokens) + c.tokens for c in done], [[0] * len(tokens) + c.masks for c in done]
