@@ -1,0 +1,342 @@
+"""The chat server: OpenAI shapes, parity with Engine, continuous batching, limits, errors, disconnects."""
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import jax.numpy as jnp
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+from test_engine import SP, ByteTokenizer, _tool_chain, bigram_params, random_params
+
+from nanochat_jax import engine
+from nanochat_jax.config import GPTConfig
+from nanochat_jax.tokenizer import Tokenizer
+from serve import scheduler as sched_mod
+from serve.app import Limits, create_app
+from serve.scheduler import QueueFull, Request, Scheduler
+
+F32 = jnp.float32
+
+
+class ChatByteTokenizer(ByteTokenizer):
+    """The byte tokenizer with the real chat template (Tokenizer's own methods)."""
+
+    bos_token_id = SP["<|bos|>"]
+    _special_ids = SP
+    render_conversation = Tokenizer.render_conversation
+    render_for_completion = Tokenizer.render_for_completion
+
+
+TOK = ChatByteTokenizer()
+CFG = GPTConfig(sequence_len=128, vocab_size=TOK.vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
+                window_pattern="L")
+B = lambda s: TOK.encode(s)[0]  # noqa: E731
+MSGS = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
+
+
+def chain_engine(text, loop=False):
+    """A scripted model whose greedy reply to any chat prompt is `text` (then <|assistant_end|>, or `text` again)."""
+    ids = [SP["<|assistant_start|>"], *TOK.encode(text)]
+    chain = dict(zip(ids[:-1], ids[1:]))
+    chain[ids[-1]] = ids[1] if loop else SP["<|assistant_end|>"]
+    return engine.Engine(bigram_params(CFG, chain), CFG, TOK, dtype=F32)
+
+
+@pytest.fixture(scope="module")
+def rand_engine():
+    return engine.Engine(random_params(CFG, seed=3), CFG, TOK, dtype=F32)
+
+
+@pytest.fixture(scope="module")
+def rand_sched(rand_engine):
+    s = Scheduler(rand_engine, slots=4)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def client(rand_sched):
+    return TestClient(create_app(rand_sched, "tiny"))
+
+
+def sse_events(lines):
+    out = [ln[len("data: "):] for ln in lines if ln.startswith("data: ")]
+    assert out[-1] == "[DONE]"
+    return [json.loads(x) for x in out[:-1]]
+
+
+def run_sync(sched, prompt, **kw):
+    """Submit and wait: (texts per choice, finish reasons)."""
+    done, events = threading.Event(), []
+    req = Request(prompt, lambda ev: done.set() if ev is None else events.append(ev), **kw)
+    sched.submit(req)
+    assert done.wait(30)
+    texts, reasons = [""] * req.n, [None] * req.n
+    for ev in events:
+        texts[ev.index] += ev.text
+        reasons[ev.index] = ev.finish_reason or reasons[ev.index]
+    return texts, reasons
+
+
+# ---- HTTP shapes and parity ------------------------------------------------------------------
+
+def test_non_streaming_shape_and_engine_parity(client, rand_engine):
+    r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": MSGS, "max_tokens": 20,
+                                                  "temperature": 0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["model"] == "tiny" and body["id"].startswith("chatcmpl-")
+    (choice,) = body["choices"]
+    prompt = TOK.render_for_completion({"messages": MSGS})
+    (want,) = rand_engine.complete(prompt, max_tokens=20, temperature=0.0)
+    assert choice["message"] == {"role": "assistant", "content": TOK.decode(want.tokens)}
+    assert choice["finish_reason"] == want.finish_reason
+    assert body["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": len(want.tokens),
+                             "total_tokens": len(prompt) + len(want.tokens)}
+
+
+def test_streaming_shape(client):
+    req = {"messages": MSGS, "max_tokens": 12, "temperature": 0, "stream": True,
+           "stream_options": {"include_usage": True}}
+    with client.stream("POST", "/v1/chat/completions", json=req) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(list(r.iter_lines()))
+    full = client.post("/v1/chat/completions", json={**req, "stream": False}).json()
+    assert all(e["object"] == "chat.completion.chunk" for e in events)
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert events[-1]["choices"] == [] and events[-1]["usage"] == full["usage"]
+    assert events[-2]["choices"][0]["finish_reason"] == full["choices"][0]["finish_reason"]
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1])
+    assert text == full["choices"][0]["message"]["content"]
+
+
+def test_models_and_health(client):
+    assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
+    assert client.get("/health").json()["status"] == "ok"
+
+
+def test_n_samples_and_seed(client):
+    req = {"messages": MSGS, "max_tokens": 16, "temperature": 1.0, "n": 2, "seed": 5}
+    a = client.post("/v1/chat/completions", json=req).json()
+    b = client.post("/v1/chat/completions", json=req).json()
+    assert [c["index"] for c in a["choices"]] == [0, 1]
+    assert a["choices"] == b["choices"]  # same seed, same samples
+
+
+# ---- scheduler: continuous batching, stop strings, UTF-8 ------------------------------------------
+
+def test_concurrent_requests_match_solo(rand_engine, rand_sched):
+    """B is admitted while A is mid-decode; both equal their solo runs."""
+    pa = TOK.render_for_completion({"messages": [{"role": "user", "content": "the cat"}]})
+    pb = TOK.render_for_completion({"messages": [{"role": "user", "content": "a longer prompt"}]})
+    kw_a, kw_b = dict(max_tokens=40, temperature=1.0, top_k=40, top_p=0.9, seed=11), dict(max_tokens=30,
+                                                                                          temperature=0.0)
+    solo_a, solo_b = run_sync(rand_sched, pa, **kw_a), run_sync(rand_sched, pb, **kw_b)
+    started, done_a, events_a, peak = threading.Event(), threading.Event(), [], [0]
+
+    def on_a(ev):
+        peak[0] = max(peak[0], rand_sched.busy_slots())
+        if ev is None:
+            return done_a.set()
+        events_a.append(ev)
+        started.set()
+
+    rand_sched.submit(Request(pa, on_a, **kw_a))
+    assert started.wait(30)
+    got_b = run_sync(rand_sched, pb, **kw_b)
+    assert done_a.wait(30)
+    got_a = ("".join(e.text for e in events_a), [e.finish_reason for e in events_a if e.finish_reason])
+    assert got_b == solo_b and (got_a[0], got_a[1]) == (solo_a[0][0], solo_a[1])
+    assert peak[0] == 2  # B ran beside A
+
+
+def test_stop_strings_http():
+    with TestClient(create_app(Scheduler(chain_engine("abc def"), slots=2), "chain")) as c:
+        base = {"messages": MSGS, "max_tokens": 30, "temperature": 0}
+        full = c.post("/v1/chat/completions", json=base).json()["choices"][0]
+        assert (full["message"]["content"], full["finish_reason"]) == ("abc def", "stop")
+        cut = c.post("/v1/chat/completions", json={**base, "stop": ["zz", "de"]}).json()["choices"][0]
+        assert (cut["message"]["content"], cut["finish_reason"]) == ("abc ", "stop")
+        with c.stream("POST", "/v1/chat/completions", json={**base, "stop": "c d", "stream": True}) as r:
+            events = sse_events(list(r.iter_lines()))
+        pieces = [e["choices"][0]["delta"].get("content", "") for e in events]
+        assert "".join(pieces) == "ab" and events[-1]["choices"][0]["finish_reason"] == "stop"
+        short = c.post("/v1/chat/completions", json={**base, "max_tokens": 3}).json()["choices"][0]
+        assert (short["message"]["content"], short["finish_reason"]) == ("abc", "length")
+
+
+def test_streaming_never_splits_utf8():
+    sched = Scheduler(chain_engine("£x"), slots=1)
+    texts = []
+    done = threading.Event()
+    sched.submit(Request(TOK.render_for_completion({"messages": MSGS}),
+                         lambda ev: done.set() if ev is None else texts.append(ev.text), max_tokens=10,
+                         temperature=0.0))
+    assert done.wait(30)
+    sched.close()
+    assert "".join(texts) == "£x" and all("\ufffd" not in t for t in texts)
+
+
+def test_calculator_forcing_matches_engine():
+    """The scheduler forces the tool's output like Engine: `2+3` then the forced `5`."""
+    eng = engine.Engine(bigram_params(CFG, _tool_chain("2+3")), CFG, TOK, dtype=F32)
+    (want,) = eng.complete([SP["<|bos|>"]], max_tokens=20, temperature=0.0)
+    sched = Scheduler(eng, slots=2)
+    got = run_sync(sched, [SP["<|bos|>"]], max_tokens=20, temperature=0.0)
+    sched.close()
+    assert got == ([TOK.decode(want.tokens)], ["stop"]) and got[0][0] == "2+35"
+
+
+# ---- validation, auth, back-pressure ----------------------------------------------------------------
+
+@pytest.mark.parametrize("patch,param", [
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "user", "content": "x" * 8001}]}, "messages.0.content"),
+    ({"messages": [{"role": "user", "content": "x" * 7000}] * 5}, "messages"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
+    ({"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "x" * 200}]}, "messages"),  # longer than the context
+    ({"max_tokens": 129}, "max_tokens"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_completion_tokens": 1000}, "max_tokens"),
+    ({"temperature": 2.5}, "temperature"),
+    ({"temperature": -0.1}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"top_k": -1}, "top_k"),
+    ({"top_k": 201}, "top_k"),
+    ({"n": 0}, "n"),
+    ({"n": 9}, "n"),
+    ({"n": 5}, "n"),  # more than the 4 slots
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+])
+def test_validation_errors(client, patch, param):
+    r = client.post("/v1/chat/completions", json={"messages": MSGS, **patch})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
+    assert err["param"] == param and err["message"]
+
+
+def test_api_key(rand_sched):
+    c = TestClient(create_app(rand_sched, "tiny", api_key="sekret"))
+    body = {"messages": MSGS, "max_tokens": 2}
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        r = c.post("/v1/chat/completions", json=body, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert c.get("/v1/models").status_code == 401 and c.get("/health").status_code == 200
+    assert c.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer sekret"}).status_code == 200
+
+
+def test_queue_full_is_429(rand_engine):
+    sched = Scheduler(rand_engine, slots=1, max_queue=0)
+    with pytest.raises(QueueFull):
+        sched.submit(Request([SP["<|bos|>"]], print, max_tokens=1))
+    r = TestClient(create_app(sched, "tiny", limits=Limits(retry_after_s=3))).post(
+        "/v1/chat/completions", json={"messages": MSGS})
+    sched.close()
+    assert r.status_code == 429 and r.headers["retry-after"] == "3"
+    assert r.json()["error"]["code"] == "queue_full"
+
+
+# ---- a real server: disconnects and the official client ----------------------------------------------
+
+@pytest.fixture
+def server():
+    """Start uvicorn on a free 127.0.0.1 port in a thread; yields a function app -> base URL."""
+    servers = []
+
+    def start(app):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=srv.run, daemon=True)
+        thread.start()
+        servers.append((srv, thread))
+        deadline = time.time() + 10
+        while not srv.started:
+            assert time.time() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for srv, thread in servers:
+        srv.should_exit = True
+        thread.join(10)
+
+
+def test_disconnect_frees_slot(server, monkeypatch):
+    real_step = engine.generate_step
+
+    def slow_step(*a, **kw):  # long enough that only the disconnect can end the request early
+        time.sleep(0.03)
+        return real_step(*a, **kw)
+
+    monkeypatch.setattr(sched_mod.E, "generate_step", slow_step)
+    sched = Scheduler(chain_engine("ab", loop=True), slots=2)
+    run_sync(sched, [SP["<|assistant_start|>"]], max_tokens=3)  # compile first: a compile would stall the stream
+    url = server(create_app(sched, "loop"))
+    req = {"messages": MSGS, "max_tokens": 100, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=req, timeout=10) as r:
+        for line in r.iter_lines():
+            if '"content": "a' in line or '"content": "b' in line:
+                break
+        assert sched.busy_slots() == 1
+    t0 = time.time()
+    while sched.busy_slots() and time.time() - t0 < 1:
+        time.sleep(0.02)
+    assert sched.busy_slots() == 0  # the rest of the run would take about 3 s
+    assert httpx.get(f"{url}/health").json()["busy_slots"] == 0
+    sched.close()
+
+
+def test_concurrent_http_and_openai_client(server, rand_sched):
+    openai = pytest.importorskip("openai")
+    url = server(create_app(rand_sched, "tiny", api_key="k"))
+    c = openai.OpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0)
+    kw = dict(model="tiny", messages=MSGS, max_tokens=24, temperature=0)
+    full = c.chat.completions.create(**kw)
+    streamed = "".join(ev.choices[0].delta.content or "" for ev in c.chat.completions.create(**kw, stream=True)
+                       if ev.choices)
+    assert full.object == "chat.completion" and streamed == full.choices[0].message.content
+    assert [m.id for m in c.models.list()] == ["tiny"]
+
+    prompts = [[{"role": "user", "content": f"prompt number {i}"}] for i in range(3)]
+    solo = [c.chat.completions.create(**{**kw, "messages": p}).choices[0].message.content for p in prompts]
+    out = [None] * 3
+
+    def go(i):
+        out[i] = c.chat.completions.create(**{**kw, "messages": prompts[i]}).choices[0].message.content
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert out == solo
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{url}/v1", api_key="bad", max_retries=0).chat.completions.create(**kw)
+
+
+def test_load_orbax_params(tmp_path):
+    """The server reads only the params of a training checkpoint (no optimizer to rebuild)."""
+    import jax
+    import numpy as np
+
+    from nanochat_jax import checkpoint, optim, sharding, train_step
+    from serve.app import _load_orbax_params
+
+    tx = optim.make_optimizer(CFG, num_iterations=10)
+    state = train_step.init_train_state(CFG, tx, sharding.make_mesh("data=8"), jax.random.key(0))
+    with checkpoint.Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(3, state, meta={"step": 3, "model_config": CFG.to_dict()})
+    params, config = _load_orbax_params(tmp_path)
+    assert config == CFG
+    assert jax.tree.structure(params) == jax.tree.structure(state.params)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
