@@ -13,7 +13,6 @@ needs torch (the `torch` extra); the name mapping itself does not.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import os
 import pickle
 from collections.abc import Iterable, Iterator
 from pathlib import Path

@@ -1,7 +1,6 @@
 """base_train end to end on a tiny model: learning, files, exact resume after SIGKILL, mesh change,
 two processes, and clear errors."""
 
-import json
 import os
 import shutil
 import signal

@@ -189,7 +189,7 @@ def test_deterministic(tmp_path, fetch):
     assert _shard_texts(tmp_path / "a") == _shard_texts(tmp_path / "b")
     assert a["fingerprint"] == b["fingerprint"]
     assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
-    c = _build(tmp_path / "c", fetch, tmp_path / "cache", seed=7)
+    _build(tmp_path / "c", fetch, tmp_path / "cache", seed=7)
     assert _shard_texts(tmp_path / "c") != _shard_texts(tmp_path / "a")
 
 
