@@ -138,6 +138,18 @@ class Checkpointer:
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         return restored.state, meta
 
+    def restore_state_tree(self, step: int | None = None, device=None) -> tuple[dict, dict]:
+        """(state as a plain dict tree, meta) of `step`, every array on one device whatever mesh
+        saved it: for loaders that need the params (and maybe the optimizer state) but no
+        TrainState template, e.g. serving, evaluation, or warm-starting SFT."""
+        step = self._complete_step(step)
+        meta = self.read_meta(step)
+        here = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
+        path = self._step_dir(step) / "state"
+        saved = ocp.StandardCheckpointer().metadata(path).item_metadata
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), saved)
+        return ocp.StandardCheckpointer().restore(path, target), meta
+
     def close(self) -> None:
         """Waits for pending saves, then releases Orbax's threads."""
         self._manager.wait_until_finished()
@@ -170,3 +182,10 @@ class Checkpointer:
             raise ValueError(f"step {step} in {self.directory} has no data iterator state for this process "
                              f"({name}); saved: {saved or 'none'}. Resuming the data stream needs the same "
                              f"process count as the run that saved it.")
+
+
+def load_params(directory, step: int | None = None) -> tuple[dict, GPTConfig, dict]:
+    """(params, config, meta) of a checkpoint directory's latest (or given) complete step."""
+    with Checkpointer(directory, async_save=False) as ckpt:
+        state, meta = ckpt.restore_state_tree(step)
+    return state["params"], GPTConfig.from_dict(meta["model_config"]), meta

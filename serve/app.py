@@ -209,28 +209,9 @@ def load_engine(checkpoint: str, nanochat: bool, tokenizer_dir: str, dtype=None)
         from nanochat_jax.convert import load_nanochat_checkpoint
         params, config, _ = load_nanochat_checkpoint(checkpoint, dtype=dtype)
     else:
-        params, config = _load_orbax_params(checkpoint)
+        from nanochat_jax.checkpoint import load_params
+        params, config, _ = load_params(checkpoint)
     return Engine(params, config, Tokenizer.load(tokenizer_dir), dtype=dtype)
-
-
-def _load_orbax_params(directory: str):
-    """The params of the latest train state, restored onto this process's first device whatever
-    mesh saved them (the optimizer state is read too, then dropped: no optimizer to rebuild)."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    from nanochat_jax.checkpoint import Checkpointer
-    from nanochat_jax.config import GPTConfig
-
-    with Checkpointer(directory, async_save=False) as ckpt:
-        step = ckpt.latest_step()
-        meta = ckpt.read_meta(step)
-        path = ckpt.directory / str(step) / "state"
-    here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    saved = ocp.StandardCheckpointer().metadata(path).item_metadata
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), saved)
-    state = ocp.StandardCheckpointer().restore(path, target)
-    return state["params"], GPTConfig.from_dict(meta["model_config"])
 
 
 def main(argv=None):

@@ -329,14 +329,13 @@ def test_load_orbax_params(tmp_path):
     import numpy as np
 
     from nanochat_jax import checkpoint, optim, sharding, train_step
-    from serve.app import _load_orbax_params
 
     tx = optim.make_optimizer(CFG, num_iterations=10)
     state = train_step.init_train_state(CFG, tx, sharding.make_mesh("data=8"), jax.random.key(0))
     with checkpoint.Checkpointer(tmp_path, async_save=False) as ckpt:
         ckpt.save(3, state, meta={"step": 3, "model_config": CFG.to_dict()})
-    params, config = _load_orbax_params(tmp_path)
-    assert config == CFG
+    params, config, meta = checkpoint.load_params(tmp_path)
+    assert config == CFG and meta["step"] == 3
     assert jax.tree.structure(params) == jax.tree.structure(state.params)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
