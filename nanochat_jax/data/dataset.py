@@ -136,7 +136,7 @@ def _prepare(path: Path) -> bool:
 # ----------------------------------------------------------------------------- download
 
 
-def _download_once(url: str, path: Path, timeout: float) -> None:
+def _download_once(url: str, path: Path, timeout: float, check: Callable[[Path], None] = check_parquet) -> None:
     """One attempt: stream to a unique temp file, check it, rename it into place."""
     tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
     try:
@@ -152,7 +152,7 @@ def _download_once(url: str, path: Path, timeout: float) -> None:
                 raise DownloadError(f"connection dropped: got {received} of {expected} bytes")
             f.flush()
             os.fsync(f.fileno())
-        check_parquet(tmp)
+        check(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -172,12 +172,13 @@ def _fetch(
     backoff: float,
     timeout: float,
     sleep: Callable[[float], None],
+    check: Callable[[Path], None] = check_parquet,
 ) -> Path:
     """Try up to `retries` times, sleeping backoff**attempt between tries."""
     attempt = 1
     while True:
         try:
-            _download_once(url, path, timeout)
+            _download_once(url, path, timeout, check)
             return path
         except Exception as exc:  # any failure of one attempt is a reason to retry
             if attempt == retries or not _retryable(exc):
@@ -186,6 +187,29 @@ def _fetch(
                 ) from exc
         sleep(backoff**attempt)
         attempt += 1
+
+
+def download_file(
+    url: str,
+    path: str | os.PathLike,
+    *,
+    check: Callable[[Path], None] = check_parquet,
+    retries: int = 5,
+    backoff: float = 2.0,
+    timeout: float = 60,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Path:
+    """Download one URL to `path`: streamed to a unique temp file, length-checked against
+    Content-Length, passed to `check` (which raises on a bad file), then renamed into place.
+
+    Retries transient failures (dropped connections, 5xx, 408/429, a failed check) up to
+    `retries` times with backoff**attempt sleeps; a 4xx fails at once. Raises DownloadError.
+    The pretraining shards use this with the default check (parquet with a `text` column);
+    the task downloader (tasks/hub.py) passes its own checks.
+    """
+    if retries < 1:
+        raise ValueError(f"retries must be >= 1, got {retries}")
+    return _fetch(url, Path(path), retries, backoff, timeout, sleep, check)
 
 
 def download_shards(

@@ -1,0 +1,95 @@
+"""Task mixtures from command-line strings, so every script names data the same way.
+
+    ENTRY   := NAME ['@' SPLIT] ['[' [START] ':' [STOP] ']'] ['*' REPEAT]
+    MIXTURE := ENTRY (',' ENTRY)*
+
+NAME is smoltalk, mmlu, gsm8k, arc-easy, arc-challenge, humaneval, chatterbot (the offline
+chatterbot-corpus set, built on first use) or jsonl=PATH (a CustomJSON file). START/STOP
+slice the (shuffled) task and may be negative; REPEAT lists the task that many times in the
+mixture (oversampling). Examples:
+
+    smoltalk@train,mmlu@auxiliary_train*3,gsm8k@train*4        # upstream's SFT mixture
+    smoltalk@test,mmlu@test[:5200],gsm8k@test[:420]             # and its validation mixture
+    chatterbot[:-100]                                           # the CPU demo's
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+from nanochat_jax.tasks.common import Task, TaskMixture
+
+_ENTRY = re.compile(r"^(?P<name>jsonl=[^@\[*]+|[a-z0-9_-]+)(?:@(?P<split>[a-z_]+))?"
+                    r"(?:\[(?P<start>-?\d*):(?P<stop>-?\d*)\])?(?:\*(?P<repeat>\d+))?$")
+
+
+def _factories() -> dict[str, Callable[..., Task]]:
+    from nanochat_jax.tasks.arc import ARC
+    from nanochat_jax.tasks.gsm8k import GSM8K
+    from nanochat_jax.tasks.humaneval import HumanEval
+    from nanochat_jax.tasks.mmlu import MMLU
+    from nanochat_jax.tasks.smoltalk import SmolTalk
+
+    return {
+        "smoltalk": lambda split: SmolTalk(split=split or "train"),
+        "mmlu": lambda split: MMLU(subset="all", split=split or "test"),
+        "gsm8k": lambda split: GSM8K(subset="main", split=split or "test"),
+        "arc-easy": lambda split: ARC(subset="ARC-Easy", split=split or "test"),
+        "arc-challenge": lambda split: ARC(subset="ARC-Challenge", split=split or "test"),
+        "humaneval": lambda split: HumanEval(),
+        "chatterbot": lambda split: _chatterbot(),
+    }
+
+
+def _chatterbot() -> Task:
+    from nanochat_jax.data.corpus import build_sft_set, default_sft_path
+    from nanochat_jax.tasks.customjson import CustomJSON
+
+    path = default_sft_path()
+    if not path.is_file():
+        build_sft_set(path)
+    return CustomJSON(path)
+
+
+def _slice(task: Task, start: str | None, stop: str | None) -> Task:
+    n = len(task)
+    lo = int(start) if start else 0
+    hi = int(stop) if stop else n
+    lo, hi = (lo + n if lo < 0 else lo), (hi + n if hi < 0 else hi)
+    lo, hi = max(0, min(lo, n)), max(0, min(hi, n))
+    if hi <= lo:
+        raise ValueError(f"slice [{start or ''}:{stop or ''}] of a task of {n} examples is empty")
+    task.start, task._stop = task.start + lo * task.step, task.start + hi * task.step
+    return task
+
+
+def parse_entry(entry: str) -> tuple[Task, int]:
+    """(task, repeat) for one ENTRY; errors say what was expected."""
+    m = _ENTRY.match(entry.strip())
+    if not m:
+        raise ValueError(f"bad task entry {entry!r}: expected NAME[@SPLIT][[START:STOP]][*REPEAT], "
+                         "e.g. gsm8k@train[:1000]*2 or jsonl=/path/convs.jsonl")
+    name, split = m["name"], m["split"]
+    if name.startswith("jsonl="):
+        from nanochat_jax.tasks.customjson import CustomJSON
+        task = CustomJSON(name[len("jsonl="):])
+    else:
+        factories = _factories()
+        if name not in factories:
+            raise ValueError(f"unknown task {name!r} in {entry!r}; known: {', '.join(factories)}, jsonl=PATH")
+        task = factories[name](split)
+    if m["start"] or m["stop"]:
+        task = _slice(task, m["start"], m["stop"])
+    return task, int(m["repeat"] or 1)
+
+
+def parse_mixture(spec: str) -> TaskMixture:
+    """A TaskMixture (upstream's seeded shuffle) of the comma-separated entries."""
+    tasks = []
+    for entry in filter(None, (e.strip() for e in spec.split(","))):
+        task, repeat = parse_entry(entry)
+        tasks += [task] * repeat
+    if not tasks:
+        raise ValueError(f"empty task mixture {spec!r}")
+    return TaskMixture(tasks)
