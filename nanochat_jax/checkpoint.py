@@ -22,6 +22,7 @@ saved on one mesh resumes on another.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from typing import Any
@@ -146,9 +147,15 @@ class Checkpointer:
         meta = self.read_meta(step)
         here = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
         path = self._step_dir(step) / "state"
-        saved = ocp.StandardCheckpointer().metadata(path).item_metadata
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), saved)
-        return ocp.StandardCheckpointer().restore(path, target), meta
+        absl_log = logging.getLogger("absl")
+        level = absl_log.level
+        absl_log.setLevel(logging.ERROR)  # the item dir has no step-level metadata file: a harmless warning
+        try:
+            saved = ocp.StandardCheckpointer().metadata(path).item_metadata
+            target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), saved)
+            return ocp.StandardCheckpointer().restore(path, target), meta
+        finally:
+            absl_log.setLevel(level)
 
     def close(self) -> None:
         """Waits for pending saves, then releases Orbax's threads."""

@@ -62,6 +62,12 @@ def muon_momentum(it, num_iterations: int, warmdown_ratio: float = 0.65):
     return jnp.where(it < 400, ramp_up, jnp.where(it >= start, ramp_down, 0.97))
 
 
+def finetune_momentum(it, ramp_steps: int = 300, start: float = 0.85, end: float = 0.95):
+    """SFT's Muon momentum: start → end linearly over the first ramp_steps, then flat."""
+    frac = jnp.minimum(jnp.asarray(it, jnp.float32) / ramp_steps, 1.0)
+    return (1 - frac) * start + frac * end
+
+
 def muon_weight_decay(it, num_iterations: int, weight_decay: float):
     """Cosine from weight_decay at step 0 to 0 at step N."""
     it = jnp.asarray(it, jnp.float32)
@@ -260,8 +266,12 @@ def muon(lr: float, *, momentum_schedule: ScheduleFn, weight_decay_schedule: Sch
 def make_optimizer(config: GPTConfig, num_iterations: int, *, name: str = "nanochat", unembedding_lr: float = 0.004,
                    embedding_lr: float = 0.2, matrix_lr: float = 0.02, scalar_lr: float = 0.5,
                    weight_decay: float = 0.0, warmup_steps: int = 40, warmdown_ratio: float = 0.65,
-                   final_lr_frac: float = 0.05, dtype=None) -> optax.GradientTransformation:
+                   final_lr_frac: float = 0.05, dtype=None, lr_schedule: ScheduleFn | None = None,
+                   momentum_schedule: ScheduleFn | None = None) -> optax.GradientTransformation:
     """The optimizer from explicit (already scaled) LRs: nanochat's setup_optimizer + schedules.
+
+    lr_schedule / momentum_schedule replace base_train's LR multiplier and Muon momentum
+    schedules (functions of the step count), e.g. for SFT and RL.
 
     name: "nanochat" (MuonAdamW), "optax_muon" (optax.contrib.muon on the block matrices,
     nanochat's AdamW groups elsewhere) or "adamw" (stock optax.adamw everywhere, block
@@ -271,7 +281,8 @@ def make_optimizer(config: GPTConfig, num_iterations: int, *, name: str = "nanoc
         raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
     if num_iterations < 1:
         raise ValueError(f"num_iterations must be >= 1 for the schedules, got {num_iterations}")
-    lrm = lambda it: lr_multiplier(it, num_iterations, warmup_steps, warmdown_ratio, final_lr_frac)  # noqa: E731
+    lrm = lr_schedule or (lambda it: lr_multiplier(it, num_iterations, warmup_steps, warmdown_ratio, final_lr_frac))
+    momentum = momentum_schedule or (lambda it: muon_momentum(it, num_iterations, warmdown_ratio))
     groups = adamw_groups(config, unembedding_lr=unembedding_lr, embedding_lr=embedding_lr, scalar_lr=scalar_lr)
     if name == "adamw":
         stock = lambda lr, betas, wd: optax.adamw(lambda it: lr * lrm(it), *betas, eps=1e-10, weight_decay=wd)  # noqa: E731
@@ -282,7 +293,7 @@ def make_optimizer(config: GPTConfig, num_iterations: int, *, name: str = "nanoc
         if name == "nanochat":
             transforms["muon"] = muon(
                 matrix_lr, lr_schedule=lrm, beta2=0.9, ns_dtype=resolve_dtype(dtype),
-                momentum_schedule=lambda it: muon_momentum(it, num_iterations, warmdown_ratio),
+                momentum_schedule=momentum,
                 weight_decay_schedule=lambda it: muon_weight_decay(it, num_iterations, weight_decay))
         else:
             transforms["muon"] = optax.contrib.muon(

@@ -49,7 +49,7 @@ def _chatterbot() -> Task:
     path = default_sft_path()
     if not path.is_file():
         build_sft_set(path)
-    return CustomJSON(path)
+    return TaskMixture([CustomJSON(path)])  # the file is grouped by topic: shuffle before any slicing
 
 
 def _slice(task: Task, start: str | None, stop: str | None) -> Task:

@@ -1,0 +1,280 @@
+"""Supervised fine-tuning (spec §9.3): a base checkpoint → a chat model.
+
+    python -m train.sft                                   # latest base run, upstream's mixture
+    python -m train.sft --base-dir out/base_checkpoints/d4 --mixture 'chatterbot[:-100]' \
+        --val-mixture 'chatterbot[-100:]'                 # offline, e.g. the CPU demo
+
+Conversations are rendered with the chat template (loss only on what the assistant says),
+packed best-fit into rows with BOS padding, one epoch. Sequence length, batch sizes and the
+raw LRs are inherited from the base run; the optimizer state (momenta, Adam moments) is
+warm-started from it, with LRs × --init-lr-frac and no weight decay. LR is flat for the first
+half of the epoch, then linear to 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from nanochat_jax import flops, optim, sharding
+from nanochat_jax.checkpoint import Checkpointer, abstract_train_state
+from nanochat_jax.common import mfu, peak_flops, resolve_dtype
+from nanochat_jax.config import GPTConfig
+from nanochat_jax.data.dataset import home_dir
+from nanochat_jax.data.sft import SFTPackIterDataset, sft_lr_multiplier
+from nanochat_jax.evals.bpb import evaluate_bpb
+from nanochat_jax.report import LossEMA, RunLogger, format_step_line, write_report
+from nanochat_jax.tasks.spec import parse_mixture
+from nanochat_jax.tokenizer import Tokenizer
+from nanochat_jax.train_step import TrainState, init_train_state, make_train_step
+
+DEFAULT_MIXTURE = "smoltalk@train,mmlu@auxiliary_train*3,gsm8k@train*4"
+DEFAULT_VAL_MIXTURE = "smoltalk@test,mmlu@test[:5200],gsm8k@test[:420]"
+FALLBACKS = {"max_seq_len": 2048, "device_batch_size": 32, "total_batch_size": 524288,
+             "embedding_lr": 0.3, "unembedding_lr": 0.004, "matrix_lr": 0.02}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = ap.add_argument
+    a("--base-dir", default=None, help="base_train run dir (default: the newest under $NANOCHAT_JAX_HOME/base_checkpoints)")
+    a("--base-step", type=int, default=None, help="checkpoint step of the base run (default: latest)")
+    a("--nanochat", default=None, help="start from an upstream nanochat .pt checkpoint dir instead (no optimizer state)")
+    a("--mixture", default=DEFAULT_MIXTURE, help="training tasks (see nanochat_jax/tasks/spec.py)")
+    a("--val-mixture", default=DEFAULT_VAL_MIXTURE, help="validation tasks, or 'none'")
+    a("--num-iterations", type=int, default=-1, help="train exactly this many steps, epochs wrapping (-1: one epoch)")
+    a("--max-seq-len", type=int, default=None, help="default: the base run's")
+    a("--device-batch-size", type=int, default=None, help="default: the base run's")
+    a("--total-batch-size", type=int, default=None, help="default: the base run's")
+    a("--embedding-lr", type=float, default=None, help="default: the base run's raw CLI value")
+    a("--unembedding-lr", type=float, default=None)
+    a("--matrix-lr", type=float, default=None)
+    a("--scalar-lr", type=float, default=0.5)
+    a("--init-lr-frac", type=float, default=0.8)
+    a("--warmdown-ratio", type=float, default=0.5)
+    a("--final-lr-frac", type=float, default=0.0)
+    a("--load-optimizer", type=int, default=1, help="warm-start the optimizer state from the base checkpoint")
+    a("--eval-every", type=int, default=200)
+    a("--eval-tokens", type=int, default=40 * 524288)
+    a("--save-every", type=int, default=-1)
+    a("--resume", action="store_true", help="continue from the latest complete checkpoint in --out-dir")
+    a("--model-tag", default=None)
+    a("--mesh", default="data=-1")
+    a("--dtype", default=None)
+    a("--attention", default="auto")
+    a("--tokenizer-dir", default=None)
+    a("--out-dir", default=None, help="default $NANOCHAT_JAX_HOME/chatsft_checkpoints/<tag>")
+    return ap.parse_args(argv)
+
+
+def find_base_dir(root: Path) -> Path:
+    """The most recently written base run under root (upstream picks the largest model)."""
+    runs = [p for p in root.glob("*") if (p / "checkpoints").is_dir()] if root.is_dir() else []
+    if not runs:
+        raise SystemExit(f"error: no base run in {root}; train one (python -m train.base_train) or pass --base-dir")
+    return max(runs, key=lambda p: (p / "checkpoints").stat().st_mtime)
+
+
+def load_base(args, mesh, tx_for, dtype):
+    """(state, config, base_meta, inherited settings) from our Orbax base run or an upstream .pt."""
+    if args.nanochat:
+        from nanochat_jax.convert import load_nanochat_checkpoint
+        params, config, meta = load_nanochat_checkpoint(args.nanochat, dtype=dtype)
+        user = meta.get("user_config", {})
+        inherited = _inherit(args, meta, user)
+        config = dataclasses.replace(config, sequence_len=inherited["max_seq_len"])
+        tx = tx_for(config, inherited)
+        return init_train_state(config, tx, mesh, jax.random.key(0), dtype, params=params), config, meta, inherited, tx
+    base_dir = Path(args.base_dir) if args.base_dir else find_base_dir(home_dir() / "base_checkpoints")
+    ckpt_dir = base_dir / "checkpoints" if (base_dir / "checkpoints").is_dir() else base_dir
+    with Checkpointer(ckpt_dir, async_save=False) as ckpt:
+        try:
+            meta = ckpt.read_meta(args.base_step)
+        except FileNotFoundError as e:
+            raise SystemExit(f"error: {e}") from None
+        inherited = _inherit(args, meta, meta.get("user_config", {}))
+        config = dataclasses.replace(GPTConfig.from_dict(meta["model_config"]), sequence_len=inherited["max_seq_len"])
+        tx = tx_for(config, inherited)
+        if args.load_optimizer:
+            try:
+                state, _ = ckpt.restore(args.base_step, target=abstract_train_state(config, tx, mesh, dtype))
+            except (ValueError, KeyError) as e:
+                raise SystemExit(f"error: cannot warm-start the optimizer from {ckpt_dir} ({e}); the base run "
+                                 "probably used another --optimizer: pass --load-optimizer 0") from None
+            state = TrainState(state.params, _restart_muon_count(state.opt_state))
+        else:
+            tree, _ = ckpt.restore_state_tree(args.base_step)
+            state = init_train_state(config, tx, mesh, jax.random.key(0), dtype, params=tree["params"])
+    print(f"base: {ckpt_dir} step {meta['step']}")
+    return state, config, meta, inherited, tx
+
+
+def _inherit(args, meta: dict, user: dict) -> dict:
+    """Upstream's rule: CLI value, else the base run's (meta for sizes, raw user_config for LRs), else fallback."""
+    out = {}
+    for key, fallback in FALLBACKS.items():
+        cli = getattr(args, key)
+        base = meta.get(key) if key in ("max_seq_len", "device_batch_size", "total_batch_size") else user.get(key)
+        out[key] = cli if cli is not None else (base if base not in (None, -1) else fallback)
+    return out
+
+
+def _restart_muon_count(opt_state):
+    """Muon's count only drives schedules (no bias correction), so SFT's momentum ramp starts at 0;
+    Adam's counts keep going, as upstream keeps the loaded step counts for bias correction."""
+    def reset(path, leaf):
+        keys = jax.tree_util.keystr(path)
+        return jnp.zeros_like(leaf) if "'muon'" in keys and keys.endswith(".count") else leaf
+    return jax.tree_util.tree_map_with_path(reset, opt_state)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    jax.config.update("jax_compilation_cache_dir", str(home_dir() / "jax_cache"))
+    main_proc = sharding.is_main_process()
+    say = print if main_proc else (lambda *a, **k: None)
+    dtype = resolve_dtype(args.dtype)
+    tok = Tokenizer.load(Path(args.tokenizer_dir) if args.tokenizer_dir else home_dir() / "tokenizer")
+    try:
+        mesh = sharding.make_mesh(args.mesh)
+        train_tasks = parse_mixture(args.mixture)
+        val_tasks = None if args.val_mixture == "none" else parse_mixture(args.val_mixture)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+    def tx_for(config, inh):
+        f = args.init_lr_frac
+        return optim.make_optimizer(config, 1, embedding_lr=inh["embedding_lr"] * f,
+                                    unembedding_lr=inh["unembedding_lr"] * f, matrix_lr=inh["matrix_lr"] * f,
+                                    scalar_lr=args.scalar_lr * f, weight_decay=0.0, dtype=dtype,
+                                    lr_schedule=lambda it: 1.0, momentum_schedule=optim.finetune_momentum)
+
+    state, config, base_meta, inh, tx = load_base(args, mesh, tx_for, dtype)
+    if tok.vocab_size > config.vocab_size:
+        raise SystemExit(f"error: tokenizer has {tok.vocab_size} tokens but the model only {config.vocab_size}")
+    T, batch_axes = config.sequence_len, mesh.shape["data"] * mesh.shape["fsdp"]
+    rows = inh["device_batch_size"] * batch_axes
+    if inh["total_batch_size"] % (rows * T):
+        raise SystemExit(f"error: total batch {inh['total_batch_size']} tokens is not a multiple of one micro-step "
+                         f"({rows} rows x {T} tokens); change --total-batch-size or --device-batch-size")
+    grad_accum = inh["total_batch_size"] // (rows * T)
+    tag = args.model_tag or f"d{config.n_layer}"
+    out_dir = Path(args.out_dir) if args.out_dir else home_dir() / "chatsft_checkpoints" / tag
+    say(f"sft: {len(train_tasks):,} conversations, T={T}, {rows} rows x {grad_accum} micro-steps per step, "
+        f"LRs {json.dumps({k: inh[k] for k in ('embedding_lr', 'unembedding_lr', 'matrix_lr')})} x {args.init_lr_frac}")
+
+    p_idx, p_cnt = jax.process_index(), jax.process_count()
+    batch_sh = sharding.batch_sharding(mesh, leading=1)
+    local = sharding.process_rows(batch_sh, (grad_accum, rows, T), dim=1)
+    render = lambda tasks: lambda i: tok.render_conversation(tasks[i], max_tokens=T + 1)  # noqa: E731
+    loader = SFTPackIterDataset(render(train_tasks), len(train_tasks), local.stop - local.start, T, tok.bos_token_id,
+                                process_index=p_idx, process_count=p_cnt)
+    train_iter = iter(loader)
+    eval_batches = None
+    if val_tasks is not None and args.eval_every > 0:
+        n_eval = max(1, args.eval_tokens // (rows * T))
+        val_iter = iter(SFTPackIterDataset(render(val_tasks), len(val_tasks), local.stop - local.start, T,
+                                           tok.bos_token_id, process_index=p_idx, process_count=p_cnt))
+        eval_batches = []
+        for _ in range(n_eval):
+            b = next(val_iter)
+            eval_batches.append({k: sharding.global_batch(b[k], sharding.batch_sharding(mesh)) for k in ("inputs", "targets")})
+            if b["consumed"] >= len(val_tasks):
+                break
+
+    try:
+        ckpt = Checkpointer(out_dir / "checkpoints", max_to_keep=2)
+    except OSError as e:
+        raise SystemExit(f"error: cannot write the run directory {out_dir}: {e}") from None
+    step, val_bpb, loop = 0, None, {"consumed": 0, "ema_smooth": 0.0, "ema_n": 0, "total_training_time": 0.0}
+    if args.resume:
+        if ckpt.latest_step() is None:
+            raise SystemExit(f"error: --resume but there is no complete checkpoint in {out_dir / 'checkpoints'}")
+        state, meta = ckpt.restore(target=abstract_train_state(config, tx, mesh, dtype), data_iterator=train_iter,
+                                   config=config)
+        step, loop, val_bpb = meta["step"], meta["loop_state"], meta.get("val_bpb")
+        say(f"resumed from step {step}")
+    resume_step = step
+
+    train_step = make_train_step(config, tx, mesh, dtype=dtype, backend=args.attention, lr_scaled=True)
+    logger = RunLogger(out_dir, enabled=main_proc)
+    ema = LossEMA(beta=0.9, smooth=loop["ema_smooth"], n=loop["ema_n"])
+    n_convs, tokens_per_step = len(train_tasks), inh["total_batch_size"]
+    est_steps = args.num_iterations if args.num_iterations > 0 else None
+    bar = tqdm(total=est_steps, initial=step, disable=not main_proc or not sys.stderr.isatty(), desc=f"sft {tag}")
+    flops_per_token, peak = flops.estimate_flops(config), peak_flops()
+    last = False
+    while True:
+        done = step >= args.num_iterations if args.num_iterations > 0 else loop["consumed"] >= n_convs
+        last = _any_process(done)
+        if eval_batches is not None and (last or step % args.eval_every == 0):
+            val_bpb = evaluate_bpb(state.params, eval_batches, config, tok.token_bytes, dtype=dtype,
+                                   backend=args.attention)
+            say(f"step {step:05d} | val bpb {val_bpb:.4f}")
+            logger.log(step, **{"val/bpb": val_bpb})
+        if last or (args.save_every > 0 and step > 0 and step % args.save_every == 0 and step != resume_step):
+            meta = {"step": step, "val_bpb": val_bpb, "model_config": config.to_dict(), "user_config": vars(args),
+                    "inherited": inh, "base": {"step": base_meta.get("step")}, "max_seq_len": T,
+                    "device_batch_size": inh["device_batch_size"], "total_batch_size": inh["total_batch_size"],
+                    "loop_state": {**loop, "ema_smooth": ema.smooth, "ema_n": ema.n}}
+            ckpt.save(step, state, data_iterator=train_iter, meta=meta)
+        if last:
+            break
+        t0 = time.perf_counter()
+        micro = [next(train_iter) for _ in range(grad_accum)]
+        loop["consumed"] = micro[-1]["consumed"]
+        progress = min(1.0, (step + 1) / args.num_iterations if args.num_iterations > 0 else loop["consumed"] / n_convs)
+        lrm = sft_lr_multiplier(progress, args.warmdown_ratio, args.final_lr_frac)
+        inputs = sharding.global_batch(np.stack([b["inputs"] for b in micro]), batch_sh)
+        targets = sharding.global_batch(np.stack([b["targets"] for b in micro]), batch_sh)
+        state, metrics = train_step(state, inputs, targets, lrm)
+        loss = float(metrics["loss"])
+        dt = time.perf_counter() - t0
+        if step - resume_step >= 1:
+            loop["total_training_time"] += dt
+        smooth = ema.update(loss)
+        step_mfu = mfu(flops_per_token, tokens_per_step, dt, jax.device_count(), peak)
+        line = format_step_line(step=step, num_steps=est_steps or round((step + 1) / max(progress, 1e-9)), loss=smooth, lrm=lrm, dt=dt,
+                                tokens_per_step=tokens_per_step, mfu=step_mfu, total_time=loop["total_training_time"],
+                                epoch=micro[-1]["epoch"])
+        if bar.disable:
+            say(line + f" | progress: {100 * progress:.1f}%")
+        else:
+            bar.update(1)
+            bar.set_postfix_str(f"loss {smooth:.4f} progress {100 * progress:.0f}%")
+        logger.log(step, **{"train/loss": smooth, "train/loss_raw": loss, "train/lrm": lrm, "train/dt": dt,
+                            "train/progress": progress})
+        step += 1
+    bar.close()
+    ckpt.wait()
+    if main_proc:
+        write_report(out_dir, f"sft {tag}", {
+            "model": {"depth": config.n_layer, "n_embd": config.n_embd, "sequence_len": T},
+            "run": {"steps": step, "conversations": n_convs, "grad_accum": grad_accum, "mixture": args.mixture,
+                    "final_val_bpb": val_bpb, "final_train_loss": ema.value,
+                    "total_training_time_s": loop["total_training_time"]},
+        }, out_dir / "metrics.jsonl")
+        say(f"done: {step} steps, val bpb {val_bpb}, checkpoint in {out_dir / 'checkpoints'}")
+    logger.close()
+    ckpt.close()
+
+
+def _any_process(flag: bool) -> bool:
+    """upstream all-reduces last_step with MAX: stop when any process has finished its epoch."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
+if __name__ == "__main__":
+    main()
