@@ -196,3 +196,13 @@ def load_params(directory, step: int | None = None) -> tuple[dict, GPTConfig, di
     with Checkpointer(directory, async_save=False) as ckpt:
         state, meta = ckpt.restore_state_tree(step)
     return state["params"], GPTConfig.from_dict(meta["model_config"]), meta
+
+
+def newest_run(root) -> epath.Path:
+    """The most recently written run directory (one holding `checkpoints/`) under root, e.g.
+    $NANOCHAT_JAX_HOME/base_checkpoints; FileNotFoundError naming root if there is none."""
+    root = epath.Path(root)
+    runs = [p for p in root.glob("*") if (p / "checkpoints").is_dir()] if root.is_dir() else []
+    if not runs:
+        raise FileNotFoundError(f"no run with a checkpoints/ directory in {root}")
+    return max(runs, key=lambda p: os.stat(p / "checkpoints").st_mtime)

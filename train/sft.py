@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from nanochat_jax import flops, optim, sharding
-from nanochat_jax.checkpoint import Checkpointer, abstract_train_state
+from nanochat_jax.checkpoint import Checkpointer, abstract_train_state, newest_run
 from nanochat_jax.common import mfu, peak_flops, resolve_dtype
 from nanochat_jax.config import GPTConfig
 from nanochat_jax.data.dataset import home_dir
@@ -76,14 +76,6 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def find_base_dir(root: Path) -> Path:
-    """The most recently written base run under root (upstream picks the largest model)."""
-    runs = [p for p in root.glob("*") if (p / "checkpoints").is_dir()] if root.is_dir() else []
-    if not runs:
-        raise SystemExit(f"error: no base run in {root}; train one (python -m train.base_train) or pass --base-dir")
-    return max(runs, key=lambda p: (p / "checkpoints").stat().st_mtime)
-
-
 def load_base(args, mesh, tx_for, dtype):
     """(state, config, base_meta, inherited settings) from our Orbax base run or an upstream .pt."""
     if args.nanochat:
@@ -94,7 +86,10 @@ def load_base(args, mesh, tx_for, dtype):
         config = dataclasses.replace(config, sequence_len=inherited["max_seq_len"])
         tx = tx_for(config, inherited)
         return init_train_state(config, tx, mesh, jax.random.key(0), dtype, params=params), config, meta, inherited, tx
-    base_dir = Path(args.base_dir) if args.base_dir else find_base_dir(home_dir() / "base_checkpoints")
+    try:
+        base_dir = Path(args.base_dir) if args.base_dir else Path(newest_run(home_dir() / "base_checkpoints"))
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}; train a base model (python -m train.base_train) or pass --base-dir") from None
     ckpt_dir = base_dir / "checkpoints" if (base_dir / "checkpoints").is_dir() else base_dir
     with Checkpointer(ckpt_dir, async_save=False) as ckpt:
         try:

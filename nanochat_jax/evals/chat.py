@@ -1,0 +1,104 @@
+"""Chat-model evaluation (spec §7.4): categorical tasks by logits over the answer letters,
+generative tasks by sampling and checking, and the ChatCORE aggregate.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from nanochat_jax import model
+from nanochat_jax.common import resolve_dtype
+from nanochat_jax.config import GPTConfig
+from nanochat_jax.tasks.common import Task
+
+# ChatCORE's chance levels: four-way multiple choice, and 0 for open answers.
+BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0}
+CATEGORICAL = ("ARC-Easy", "ARC-Challenge", "MMLU")
+
+
+def _bucket(n: int) -> int:
+    """Pad lengths to a multiple of 64 (powers of two below), so a whole eval compiles a few shapes."""
+    return 1 << max(3, (n - 1).bit_length()) if n <= 64 else -(-n // 64) * 64
+
+
+@functools.lru_cache(maxsize=None)
+def _last_logits_fn(config: GPTConfig, dtype):
+    @jax.jit
+    def fn(params, tokens_BT, last_B):
+        logits_BTV = model.forward(params, tokens_BT, config, dtype=dtype)
+        return jnp.take_along_axis(logits_BTV, last_B[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+    return fn
+
+
+def letter_ids(tokenizer, letters: Sequence[str]) -> list[int]:
+    """Each answer letter as its single token id (the prompt's `=A` is built so that holds)."""
+    ids = []
+    for letter in letters:
+        enc = tokenizer.encode(letter)
+        if len(enc) != 1:
+            raise ValueError(f"answer letter {letter!r} encodes to {len(enc)} tokens; categorical eval needs one")
+        ids.append(enc[0])
+    return ids
+
+
+def categorical_accuracy(params, config: GPTConfig, tokenizer, task: Task, *, batch_size: int = 8,
+                         max_problems: int | None = None, dtype=None, desc: str = "") -> tuple[int, int]:
+    """(correct, total): argmax over the allowed letters of the logits at <|assistant_start|>."""
+    fn = _last_logits_fn(config, resolve_dtype(dtype))
+    n = len(task) if max_problems is None or max_problems < 0 else min(max_problems, len(task))
+    correct = 0
+    for lo in tqdm(range(0, n, batch_size), desc=desc or "categorical", leave=False, disable=n <= batch_size):
+        convs = [task[i] for i in range(lo, min(lo + batch_size, n))]
+        prompts = [tokenizer.render_for_completion(c) for c in convs]
+        longest = max(map(len, prompts))
+        if longest > config.sequence_len:
+            raise ValueError(f"a prompt of {longest} tokens exceeds the model's {config.sequence_len}-token context")
+        T = min(_bucket(longest), config.sequence_len)
+        rows = np.full((batch_size, T), tokenizer.bos_token_id, np.int32)  # a fixed batch size: one compile
+        for r, p in enumerate(prompts):
+            rows[r, :len(p)] = p
+        last = np.zeros(batch_size, np.int32)
+        last[:len(prompts)] = [len(p) - 1 for p in prompts]
+        logits = np.asarray(fn(params, rows, last))
+        for r, conv in enumerate(convs):
+            ids = letter_ids(tokenizer, conv["letters"])
+            choice = conv["letters"][int(np.argmax(logits[r, ids]))]
+            correct += bool(task.evaluate(conv, choice))
+    return correct, n
+
+
+def generative_accuracy(complete: Callable[[list[list[int]]], list[list[str]]], tokenizer, task: Task, *,
+                        max_problems: int | None = None, chunk: int = 64, desc: str = "") -> tuple[int, int]:
+    """(passed, total): a problem passes if any of its samples is correct (pass@k).
+
+    complete(prompts) returns, per prompt, the decoded text of each sample; it is called on
+    chunks of problems so a batched sampler can keep its slots full.
+    """
+    n = len(task) if max_problems is None or max_problems < 0 else min(max_problems, len(task))
+    passed = 0
+    bar = tqdm(total=n, desc=desc or "generative", leave=False, disable=n <= 1)
+    for lo in range(0, n, chunk):
+        convs = [task[i] for i in range(lo, min(lo + chunk, n))]
+        outs = complete([tokenizer.render_for_completion(c) for c in convs])
+        passed += sum(any(task.evaluate(c, text) for text in texts) for c, texts in zip(convs, outs))
+        bar.update(len(convs))
+    bar.close()
+    return passed, n
+
+
+def chatcore(accuracies: dict[str, float]) -> dict[str, float]:
+    """ChatCORE (mean centered accuracy over the tasks present) and its categorical part."""
+    centered = {k: (acc - BASELINES[k]) / (1 - BASELINES[k]) for k, acc in accuracies.items() if k in BASELINES}
+    out = {}
+    if centered:
+        out["chatcore"] = float(np.mean(list(centered.values())))
+    cat = [v for k, v in centered.items() if k in CATEGORICAL]
+    if cat:
+        out["chatcore_cat"] = float(np.mean(cat))
+    return out

