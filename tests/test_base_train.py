@@ -47,7 +47,7 @@ def data(tmp_path_factory):
 
 def argv(data, out, *extra):
     return ["--depth", "2", "--head-dim", "64", "--max-seq-len", "64", "--window-pattern", "L",
-            "--device-batch-size", "1", "--total-batch-size", "512", "--eval-tokens", "2048",
+            "--device-batch-size", "1", "--total-batch-size", "512", "--eval-tokens", "2048", "--core-metric-every", "-1",
             "--sample-every", "0", "--warmup-steps", "2", "--matrix-lr", "0.05", "--embedding-lr", "1.0",
             "--unembedding-lr", "0.02", "--scalar-lr", "1.0",
             "--data-dir", str(data), "--tokenizer-dir", str(data / "tok"), "--out-dir", str(out), *extra]

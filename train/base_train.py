@@ -31,6 +31,7 @@ from nanochat_jax.config import config_for_depth
 from nanochat_jax.convert import export_nanochat_checkpoint
 from nanochat_jax.data.dataset import home_dir
 from nanochat_jax.data.pipeline import pretrain_loader, val_batches
+from nanochat_jax.evals import core as core_eval
 from nanochat_jax.evals.bpb import evaluate_bpb
 from nanochat_jax.report import LossEMA, RunLogger, format_step_line, write_report
 from nanochat_jax.tokenizer import Tokenizer
@@ -67,7 +68,10 @@ def parse_args(argv=None):
     a("--resume", action="store_true", help="continue from the latest complete checkpoint in --out-dir")
     a("--eval-every", type=int, default=250)
     a("--eval-tokens", type=int, default=80 * 524288)
-    a("--core-metric-every", type=int, default=2000, help="CORE needs the eval bundle (post-training stage)")
+    a("--core-metric-every", type=int, default=2000, help="CORE every N steps and at the end (-1: off)")
+    a("--core-metric-max-per-task", type=int, default=500, help="examples per CORE task (-1: all)")
+    a("--bundle-dir", default=None, help="CORE eval bundle (default $NANOCHAT_JAX_HOME/eval_bundle; "
+                                         "get it with python -m train.base_eval --download)")
     a("--sample-every", type=int, default=2000)
     a("--save-every", type=int, default=-1, help="checkpoint cadence in steps (-1: only at the end)")
     a("--keep-checkpoints", type=int, default=2)
@@ -153,9 +157,9 @@ def main(argv=None):
     say(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].device_kind} device(s), "
         f"{jax.process_count()} process(es); compute {dtype.name}")
     say("plan: " + json.dumps(dataclasses.asdict(plan)))
+    core_bundle = core_metric = None
     if args.core_metric_every > 0:
-        say("note: CORE evaluation needs the eval bundle and arrives with the post-training stage; "
-            "--core-metric-every is not used yet")
+        core_bundle = core_eval.bundle_for_training(args.bundle_dir or core_eval.default_bundle_dir(), say)
 
     tx = optim.optimizer_for(config, plan.num_iterations, plan.total_batch_size, name=args.optimizer,
                              embedding_lr=args.embedding_lr, unembedding_lr=args.unembedding_lr,
@@ -216,6 +220,14 @@ def main(argv=None):
             loop["min_val_bpb"] = min(loop["min_val_bpb"], val_bpb)
             say(f"step {step:05d} | val bpb {val_bpb:.4f}")
             logger.log(step, **{"val/bpb": val_bpb})
+        if core_bundle is not None and (last or (step > 0 and step % args.core_metric_every == 0)):
+            scorer = core_eval.model_scorer(state.params, config, dtype=dtype, backend=backend, mesh=mesh)
+            out = core_eval.evaluate_core(scorer, tok, core_bundle, max_per_task=args.core_metric_max_per_task,
+                                          batch_tokens=plan.rows_per_micro * config.sequence_len,
+                                          progress=main_proc and sys.stderr.isatty(), log=say)
+            core_metric = out["core_metric"]
+            say(f"step {step:05d} | CORE metric {core_metric:.4f} ({out['num_tasks']}/{out['total_tasks']} tasks)")
+            logger.log(step, core_metric=core_metric, **{f"core/{k}": v for k, v in out["centered_results"].items()})
         if main_proc and args.sample_every > 0 and (last or (step > 0 and step % args.sample_every == 0)):
             for line in sample(jax.device_get(state.params), config, tok, dtype, backend):
                 say("  sample: " + line.replace("\n", " "))
@@ -268,7 +280,8 @@ def main(argv=None):
                       "flops_per_token": plan.flops_per_token},
             "run": {**dataclasses.asdict(plan), "mesh": dict(mesh.shape), "dtype": dtype.name,
                     "first_step_s": first_step_s, "total_training_time_s": loop["total_training_time"],
-                    "final_val_bpb": val_bpb, "min_val_bpb": loop["min_val_bpb"], "final_train_loss": ema.value},
+                    "final_val_bpb": val_bpb, "min_val_bpb": loop["min_val_bpb"], "final_train_loss": ema.value,
+                    "final_core_metric": core_metric},
         }, out_dir / "metrics.jsonl")
         say(f"done: {step} steps, val bpb {val_bpb}, checkpoints in {out_dir / 'checkpoints'}, "
             f"nanochat export in {out_dir / 'nanochat'}, report {out_dir / 'report.md'}")
