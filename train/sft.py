@@ -147,11 +147,10 @@ def main(argv=None):
         raise SystemExit(f"error: {e}") from None
 
     def tx_for(config, inh):
-        f = args.init_lr_frac
-        return optim.make_optimizer(config, 1, embedding_lr=inh["embedding_lr"] * f,
-                                    unembedding_lr=inh["unembedding_lr"] * f, matrix_lr=inh["matrix_lr"] * f,
-                                    scalar_lr=args.scalar_lr * f, weight_decay=0.0, dtype=dtype,
-                                    lr_schedule=lambda it: 1.0, momentum_schedule=optim.finetune_momentum)
+        f = args.init_lr_frac  # every group, the fixed-LR scalars included, as upstream's loop over param_groups
+        return optim.make_optimizer(config, 1, embedding_lr=inh["embedding_lr"], unembedding_lr=inh["unembedding_lr"],
+                                    matrix_lr=inh["matrix_lr"], scalar_lr=args.scalar_lr, weight_decay=0.0,
+                                    dtype=dtype, lr_schedule=lambda it: f, momentum_schedule=optim.finetune_momentum)
 
     state, config, base_meta, inh, tx = load_base(args, mesh, tx_for, dtype)
     if tok.vocab_size > config.vocab_size:

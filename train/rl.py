@@ -1,0 +1,230 @@
+"""Reinforcement learning on GSM8K (spec §9.6): on-policy REINFORCE, nanochat's reduced "GRPO".
+
+    python -m train.rl                                  # newest SFT run, GSM8K train, 1 epoch
+    python -m train.rl --task 'gsm8k@train[:64]' --num-samples 8 --max-new-tokens 128
+
+Per step, each of examples_per_step questions gets num_samples completions from the jitted
+engine (batched: one prefill, device_batch_size rows per pass); a completion's reward comes
+from the task's checker; the advantage is reward − mean reward of its question (no std, no
+KL, no clipping); the loss is −Σ logp·A over sampled tokens, normalized per token of each pass
+(DAPO-style). Forced calculator output and the prompt carry no loss. LR decays linearly to 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from nanochat_jax import optim, sharding
+from nanochat_jax.checkpoint import Checkpointer, load_params, newest_run
+from nanochat_jax.common import resolve_dtype
+from nanochat_jax.config import GPTConfig
+from nanochat_jax.data.dataset import home_dir
+from nanochat_jax.engine import Engine
+from nanochat_jax.report import RunLogger, write_report
+from nanochat_jax.tasks.common import Task
+from nanochat_jax.tokenizer import Tokenizer
+from nanochat_jax.train_step import init_train_state, make_train_step
+
+
+@dataclasses.dataclass
+class RLConfig:
+    num_epochs: int = 1
+    num_steps: int = -1  # -1: len(task) // examples_per_step · num_epochs
+    examples_per_step: int = 16
+    num_samples: int = 16
+    device_batch_size: int = 8
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 50
+    embedding_lr: float = 0.2
+    unembedding_lr: float = 0.004
+    matrix_lr: float = 0.02
+    scalar_lr: float = 0.5
+    init_lr_frac: float = 0.05
+    eval_every: int = 60
+    eval_examples: int = 400
+    save_every: int = 60
+
+
+def rollout_batch(engine: Engine, conv: dict, task: Task, cfg: RLConfig, seed: int, seq_len: int, pad_id: int):
+    """num_samples completions of one question → (ids, mask) rows of seq_len+1, rewards, lengths.
+
+    Sequences are prompt + generation (no terminal <|assistant_end|>), right-padded with pad_id;
+    mask 1 only on sampled tokens.
+    """
+    tok = engine.tokenizer
+    prompt = tok.render_for_completion(conv)
+    ids = np.full((cfg.num_samples, seq_len + 1), pad_id, np.int32)
+    mask = np.zeros((cfg.num_samples, seq_len + 1), np.int8)
+    rewards, lengths = np.zeros(cfg.num_samples, np.float32), np.zeros(cfg.num_samples, np.int32)
+    row = 0
+    for p in range(cfg.num_samples // cfg.device_batch_size):
+        room = min(cfg.max_new_tokens, seq_len + 1 - len(prompt))
+        if room < 1:
+            raise ValueError(f"a prompt of {len(prompt)} tokens leaves no room in the {seq_len}-token context")
+        outs = engine.complete(prompt, num_samples=cfg.device_batch_size, max_tokens=room,
+                               temperature=cfg.temperature, top_k=cfg.top_k,
+                               seed=hash((seed, p)) & 0x7FFFFFFF)
+        for c in outs:
+            seq = prompt + list(c.tokens)
+            ids[row, :len(seq)] = seq
+            mask[row, len(prompt):len(seq)] = c.masks
+            rewards[row] = task.reward(conv, tok.decode(c.tokens))
+            lengths[row] = len(c.tokens)
+            row += 1
+    return ids, mask, rewards, lengths
+
+
+def pass_at_k(engine: Engine, task: Task, n: int, k: int, cfg: RLConfig, seed: int = 0) -> np.ndarray:
+    """pass@1..k over the first n problems: k samples each at the rollout temperature."""
+    hits = np.zeros(k)
+    n = min(n, len(task))
+    for i in range(n):
+        conv = task[i]
+        prompt = engine.tokenizer.render_for_completion(conv)
+        outs = engine.complete(prompt, num_samples=k, max_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                               top_k=cfg.top_k, seed=seed + i)
+        ok = np.array([task.evaluate(conv, engine.tokenizer.decode(c.tokens)) for c in outs], bool)
+        hits += np.maximum.accumulate(ok)
+    return hits / max(n, 1)
+
+
+def train(params, config: GPTConfig, tok: Tokenizer, task: Task, cfg: RLConfig, *, val_task: Task | None = None,
+          out_dir: Path | None = None, mesh_spec: str = "data=-1", mesh=None, dtype=None, say=print) -> tuple[dict, list[dict]]:
+    """Runs RL from params; returns (final params, per-step records {step, reward, seq_len, lrm, pass@k?})."""
+    dtype = resolve_dtype(dtype)
+    if cfg.num_samples % cfg.device_batch_size:
+        raise ValueError(f"num_samples {cfg.num_samples} must be a multiple of device_batch_size {cfg.device_batch_size}")
+    W, rank = jax.process_count(), jax.process_index()
+    if cfg.examples_per_step % W:
+        raise ValueError(f"examples_per_step {cfg.examples_per_step} must divide by the {W} processes")
+    per_rank = cfg.examples_per_step // W
+    num_steps = cfg.num_steps if cfg.num_steps > 0 else (len(task) // cfg.examples_per_step) * cfg.num_epochs
+    if num_steps < 1:
+        raise ValueError(f"{len(task)} examples make no step of {cfg.examples_per_step} examples")
+    f = cfg.init_lr_frac  # scales every group, the fixed-LR scalars included, as upstream's loop over param_groups
+    tx = optim.make_optimizer(config, num_steps, embedding_lr=cfg.embedding_lr, unembedding_lr=cfg.unembedding_lr,
+                              matrix_lr=cfg.matrix_lr, scalar_lr=cfg.scalar_lr, weight_decay=0.0, dtype=dtype,
+                              lr_schedule=lambda it: f * (1.0 - it / num_steps), momentum_schedule=lambda it: 0.95)
+    mesh = mesh or sharding.make_mesh(mesh_spec)
+    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.device_batch_size % batch_devices:
+        raise ValueError(f"device_batch_size {cfg.device_batch_size} (rows per pass) must divide over the "
+                         f"{batch_devices} batch-sharded devices of mesh {mesh_spec}")
+    state = init_train_state(config, tx, mesh, jax.random.key(0), dtype, params=params)
+    step_fn = make_train_step(config, tx, mesh, dtype=dtype, weighted=True)
+    batch_sh = sharding.batch_sharding(mesh, leading=1)
+    passes = cfg.num_samples // cfg.device_batch_size
+    T = config.sequence_len
+    pad = tok.encode_special("<|assistant_end|>")
+    logger = RunLogger(out_dir, enabled=out_dir is not None and sharding.is_main_process()) if out_dir else None
+    ckpt = Checkpointer(out_dir / "checkpoints", max_to_keep=2) if out_dir else None
+    records, cursor = [], rank
+    bar = tqdm(total=num_steps, desc="rl", disable=not sys.stderr.isatty())
+    for step in range(num_steps + 1):
+        last = step == num_steps
+        rec = {"step": step}
+        if val_task is not None and cfg.eval_every > 0 and (last or step % cfg.eval_every == 0):
+            engine = Engine(jax.device_get(state.params), config, tok, dtype=dtype)
+            pk = pass_at_k(engine, val_task, cfg.eval_examples, cfg.device_batch_size, cfg, seed=step)
+            rec.update({f"pass@{k + 1}": float(v) for k, v in enumerate(pk)})
+            say(f"step {step:05d} | " + " | ".join(f"pass@{k + 1} {v:.4f}" for k, v in enumerate(pk)))
+        if ckpt and (last or (cfg.save_every > 0 and step > 0 and step % cfg.save_every == 0)):
+            ckpt.save(step, state, meta={"step": step, "model_config": config.to_dict(),
+                                         "rl_config": dataclasses.asdict(cfg)})
+        if last:
+            if len(rec) > 1:
+                records.append(rec)
+            break
+        t0 = time.perf_counter()
+        engine = Engine(jax.device_get(state.params), config, tok, dtype=dtype)
+        ids, masks, rewards, lengths = [], [], [], []
+        for e in range(per_rank):
+            idx = cursor % len(task)
+            cursor += W
+            i, m, r, n = rollout_batch(engine, task[idx], task, cfg, hash((step, idx)), T, pad)
+            ids.append(i), masks.append(m), rewards.append(r), lengths.append(n)
+        ids, masks, rewards = np.stack(ids), np.stack(masks), np.stack(rewards)  # (E, S, T+1), (E, S)
+        adv = rewards - rewards.mean(axis=1, keepdims=True)
+        targets = np.where(masks[..., 1:] == 1, ids[..., 1:], -1)
+        # micro-steps = (example, pass) pairs of device_batch_size rows; each pass is normalized by
+        # its own valid-token count, then by passes and examples: upstream's loss scaling
+        E, S = rewards.shape
+        shape = (E * passes, cfg.device_batch_size, T)
+        valid = (targets >= 0).reshape(shape)
+        per_pass = np.maximum(valid.sum(axis=(1, 2), keepdims=True), 1)
+        weights = np.where(valid, adv.reshape(E * passes, cfg.device_batch_size, 1), 0.0) / (per_pass * passes * E)
+        # minus: the train step minimizes Σ CE·w = −Σ logp·w, which is exactly −objective
+        state, _ = step_fn(state, sharding.global_batch(ids[..., :-1].reshape(shape), batch_sh),
+                           sharding.global_batch(targets.reshape(shape).astype(np.int32), batch_sh),
+                           sharding.global_batch(weights.astype(np.float32), batch_sh))
+        rec.update(reward=float(rewards.mean()), seq_len=float(np.mean(lengths)), lrm=1 - step / num_steps,
+                   dt=time.perf_counter() - t0)
+        records.append(rec)
+        if logger:
+            logger.log(step, **{f"rl/{k}": v for k, v in rec.items() if k != "step"})
+        line = f"step {step:05d}/{num_steps:05d} | reward {rec['reward']:.4f} | seq len {rec['seq_len']:.1f} | " \
+               f"lrm {rec['lrm']:.3f} | dt {rec['dt']:.2f}s"
+        if bar.disable:
+            say(line)
+        else:
+            bar.update(1)
+            bar.set_postfix_str(f"reward {rec['reward']:.3f}")
+    bar.close()
+    if ckpt:
+        ckpt.close()
+    if logger:
+        logger.close()
+    return jax.device_get(state.params), records
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = ap.add_argument
+    a("--sft-dir", default=None, help="SFT run dir (default: the newest under $NANOCHAT_JAX_HOME/chatsft_checkpoints)")
+    a("--task", default="gsm8k@train", help="training task entry (nanochat_jax/tasks/spec.py)")
+    a("--val-task", default="gsm8k@test", help="pass@k task entry, or 'none'")
+    for f in dataclasses.fields(RLConfig):
+        a("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    a("--mesh", default="data=-1")
+    a("--dtype", default=None)
+    a("--tokenizer-dir", default=None)
+    a("--out-dir", default=None, help="default $NANOCHAT_JAX_HOME/chatrl_checkpoints/<tag>")
+    args = ap.parse_args(argv)
+    from nanochat_jax.tasks.spec import parse_entry
+
+    tok = Tokenizer.load(Path(args.tokenizer_dir) if args.tokenizer_dir else home_dir() / "tokenizer")
+    try:
+        sft_dir = Path(args.sft_dir) if args.sft_dir else Path(newest_run(home_dir() / "chatsft_checkpoints"))
+        ckpt_dir = sft_dir / "checkpoints" if (sft_dir / "checkpoints").is_dir() else sft_dir
+        params, config, _ = load_params(ckpt_dir)
+        task, _ = parse_entry(args.task)
+        val_task = None if args.val_task == "none" else parse_entry(args.val_task)[0]
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
+    cfg = RLConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RLConfig)})
+    out_dir = Path(args.out_dir) if args.out_dir else home_dir() / "chatrl_checkpoints" / f"d{config.n_layer}"
+    print(f"rl: {ckpt_dir} → {out_dir}; {len(task):,} examples, {cfg.examples_per_step} per step x "
+          f"{cfg.num_samples} samples")
+    try:
+        _, records = train(params, config, tok, task, cfg, val_task=val_task, out_dir=out_dir, mesh_spec=args.mesh,
+                           dtype=args.dtype)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    rewards = [r["reward"] for r in records if "reward" in r]
+    write_report(out_dir, f"rl d{config.n_layer}", {"run": {
+        "steps": len(rewards), "first_reward": rewards[0] if rewards else None,
+        "last_reward": rewards[-1] if rewards else None, "rl_config": dataclasses.asdict(cfg),
+        **{k: v for k, v in records[-1].items() if k.startswith("pass@")}}}, out_dir / "metrics.jsonl")
+
+
+if __name__ == "__main__":
+    main()
