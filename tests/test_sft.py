@@ -101,10 +101,10 @@ def test_lr_multiplier():
     assert sft_lr_multiplier(0.9, warmdown_ratio=0.2, final_lr_frac=0.1) == pytest.approx(0.55)
 
 
-CFG = GPTConfig(sequence_len=32, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, window_pattern="L")
+CFG = GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=32, window_pattern="L")
 
 
-def _batch(seed, A=2, B=2, T=32):
+def _batch(seed, A=2, B=2, T=16):
     rng = np.random.default_rng(seed)
     x = rng.integers(0, 64, (A, B, T)).astype(np.int32)
     y = np.where(rng.random((A, B, T)) < 0.3, -1, rng.integers(0, 64, (A, B, T))).astype(np.int32)
