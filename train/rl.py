@@ -199,6 +199,7 @@ def main(argv=None):
     a("--tokenizer-dir", default=None)
     a("--out-dir", default=None, help="default $NANOCHAT_JAX_HOME/chatrl_checkpoints/<tag>")
     args = ap.parse_args(argv)
+    sharding.initialize_distributed()  # multi-host: NANOCHAT_COORDINATOR etc., as runs/gpu_multinode.sh sets
     from nanochat_jax.tasks.spec import parse_entry
 
     tok = Tokenizer.load(Path(args.tokenizer_dir) if args.tokenizer_dir else home_dir() / "tokenizer")

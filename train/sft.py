@@ -134,6 +134,7 @@ def _restart_muon_count(opt_state):
 
 def main(argv=None):
     args = parse_args(argv)
+    sharding.initialize_distributed()  # multi-host: flags via NANOCHAT_COORDINATOR etc. (runs/gpu_multinode.sh)
     jax.config.update("jax_compilation_cache_dir", str(home_dir() / "jax_cache"))
     main_proc = sharding.is_main_process()
     say = print if main_proc else (lambda *a, **k: None)
