@@ -28,6 +28,7 @@ echo "== 4/5 SFT on chatterbot-corpus conversations =="
 # conversations, the other 100 held out for val bpb
 $PY -m train.sft --base-dir "$NANOCHAT_JAX_HOME/base_checkpoints/d4" --tokenizer-dir "$TOK" \
   --mixture 'chatterbot[:-100]*2' --val-mixture 'chatterbot[-100:]' --eval-every 20 --eval-tokens 32768 \
+  --chatcore-every -1 \
   --out-dir "$NANOCHAT_JAX_HOME/chatsft_checkpoints/d4"
 echo "== 5/5 chat =="
 echo "user: Hello! How are you?"

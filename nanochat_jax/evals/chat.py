@@ -55,11 +55,9 @@ def categorical_accuracy(params, config: GPTConfig, tokenizer, task: Task, *, ba
     correct = 0
     for lo in tqdm(range(0, n, batch_size), desc=desc or "categorical", leave=False, disable=n <= batch_size):
         convs = [task[i] for i in range(lo, min(lo + batch_size, n))]
-        prompts = [tokenizer.render_for_completion(c) for c in convs]
-        longest = max(map(len, prompts))
-        if longest > config.sequence_len:
-            raise ValueError(f"a prompt of {longest} tokens exceeds the model's {config.sequence_len}-token context")
-        T = min(_bucket(longest), config.sequence_len)
+        # a prompt longer than the context keeps its end (the question's tail and the answer slot)
+        prompts = [tokenizer.render_for_completion(c)[-config.sequence_len:] for c in convs]
+        T = min(_bucket(max(map(len, prompts))), config.sequence_len)
         rows = np.full((batch_size, T), tokenizer.bos_token_id, np.int32)  # a fixed batch size: one compile
         for r, p in enumerate(prompts):
             rows[r, :len(p)] = p
