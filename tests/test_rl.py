@@ -123,3 +123,31 @@ def test_reward_rises_on_toy_addition(toy, tmp_path):
     assert len(evals) == 2 and evals[-1]["pass@1"] > evals[0]["pass@1"]
     assert evals[-1]["pass@8"] >= evals[-1]["pass@1"]
     assert (tmp_path / "checkpoints" / "30" / "commit_success.txt").is_file()
+
+
+def test_cli_on_local_gsm8k(toy, tmp_path):
+    """python -m train.rl end to end: local GSM8K files, a checkpoint, a report with pass@k."""
+    import json
+
+    from nanochat_jax.checkpoint import Checkpointer
+
+    tok, cfg = toy
+    tok.save(tmp_path / "tok")
+    rows = [{"question": f"What is {a}+{b}?", "answer": f"<<{a}+{b}={a + b}>>#### {a + b}"} for a, b in PAIRS]
+    for split in ("train", "test"):
+        (tmp_path / "data" / "gsm8k").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / "gsm8k" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tx = optim.make_optimizer(cfg, 10)
+    state = init_train_state(cfg, tx, sharding.make_mesh("data=-1"), jax.random.key(0))
+    with Checkpointer(tmp_path / "sft" / "checkpoints", async_save=False) as ckpt:
+        ckpt.save(7, state, meta={"step": 7, "model_config": cfg.to_dict()})
+    out = tmp_path / "rl"
+    rl.main(["--sft-dir", str(tmp_path / "sft"), "--tokenizer-dir", str(tmp_path / "tok"), "--task-data-dir",
+             str(tmp_path / "data"), "--task", "gsm8k@train[:4]", "--val-task", "gsm8k@test[:2]", "--num-steps", "2",
+             "--examples-per-step", "2", "--num-samples", "8", "--device-batch-size", "8", "--max-new-tokens", "4",
+             "--eval-every", "2", "--eval-examples", "2", "--out-dir", str(out)])
+    assert (out / "checkpoints" / "2" / "commit_success.txt").is_file()
+    report = (out / "report.md").read_text()
+    assert "pass@8" in report and "last_reward" in report
+    with pytest.raises(SystemExit, match="unknown task"):
+        rl.main(["--sft-dir", str(tmp_path / "sft"), "--tokenizer-dir", str(tmp_path / "tok"), "--task", "chess"])

@@ -218,3 +218,23 @@ def test_errors(sft_setup, tmp_path):
     with pytest.raises(SystemExit, match="not a multiple"):
         sft.main(["--base-dir", str(d / "base"), "--mixture", f"jsonl={d / 'convs.jsonl'}",
                   "--total-batch-size", "100", *common])
+
+
+def test_mixture_strings(tmp_path):
+    from nanochat_jax.tasks.spec import parse_entry, parse_mixture
+
+    convs = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}] for i in range(10)]
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps(c) + "\n" for c in convs))
+    task, rep = parse_entry(f"jsonl={path}[2:-3]*4")
+    assert rep == 4 and [c["messages"][0]["content"] for c in task] == [f"q{i}" for i in range(2, 7)]
+    assert [c["messages"][0]["content"] for c in parse_entry(f"jsonl={path}[-2:]")[0]] == ["q8", "q9"]
+    mix = parse_mixture(f"jsonl={path}[:3]*2, jsonl={path}[5:6]")
+    assert len(mix) == 7 and sorted(c["messages"][0]["content"] for c in mix) == ["q0", "q0", "q1", "q1", "q2", "q2", "q5"]
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "train.jsonl").write_text(json.dumps({"question": "1+1?", "answer": "#### 2"}) + "\n")
+    gsm, _ = parse_entry("gsm8k@train", tmp_path)
+    assert len(gsm) == 1 and gsm.evaluate(gsm[0], "#### 2") == 1
+    for bad, msg in (("gsm8k@train[5:]", "empty"), ("nope", "unknown task"), ("gsm8k[1:2", "bad task entry")):
+        with pytest.raises(ValueError, match=msg):
+            parse_entry(bad, tmp_path)

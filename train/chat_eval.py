@@ -34,7 +34,10 @@ def make_task(name: str, data_dir: Path | None = None, source: str = "auto", **s
     from nanochat_jax.tasks.humaneval import HumanEval
     from nanochat_jax.tasks.mmlu import MMLU
 
-    kw = dict(slice_kw, **({"data_dir": data_dir / name} if data_dir else {"source": source}))
+    local = None
+    if data_dir:  # DIR/<name in lower case>/ as the mixture strings use, or DIR/<name>/
+        local = next((p for p in (data_dir / name.lower(), data_dir / name) if p.exists()), data_dir / name.lower())
+    kw = dict(slice_kw, **({"data_dir": local} if local else {"source": source}))
     if name in ("ARC-Easy", "ARC-Challenge"):
         return ARC(subset=name, split="test", **kw)
     if name == "MMLU":

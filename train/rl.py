@@ -194,6 +194,7 @@ def main(argv=None):
     a("--val-task", default="gsm8k@test", help="pass@k task entry, or 'none'")
     for f in dataclasses.fields(RLConfig):
         a("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    a("--task-data-dir", default=None, help="local task data: DIR/<task>/, e.g. DIR/gsm8k/")
     a("--mesh", default="data=-1")
     a("--dtype", default=None)
     a("--tokenizer-dir", default=None)
@@ -207,8 +208,8 @@ def main(argv=None):
         sft_dir = Path(args.sft_dir) if args.sft_dir else Path(newest_run(home_dir() / "chatsft_checkpoints"))
         ckpt_dir = sft_dir / "checkpoints" if (sft_dir / "checkpoints").is_dir() else sft_dir
         params, config, _ = load_params(ckpt_dir)
-        task, _ = parse_entry(args.task)
-        val_task = None if args.val_task == "none" else parse_entry(args.val_task)[0]
+        task, _ = parse_entry(args.task, args.task_data_dir)
+        val_task = None if args.val_task == "none" else parse_entry(args.val_task, args.task_data_dir)[0]
     except (ValueError, FileNotFoundError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
     cfg = RLConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RLConfig)})

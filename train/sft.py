@@ -70,7 +70,7 @@ def parse_args(argv=None):
     a("--chatcore-tasks", default="ARC-Easy|ARC-Challenge|MMLU|GSM8K|HumanEval")
     a("--chatcore-max-cat", type=int, default=-1, help="categorical problems per task (-1: all)")
     a("--chatcore-max-sample", type=int, default=24, help="generative problems per task")
-    a("--task-data-dir", default=None, help="local task data for ChatCORE: DIR/<task>/ (see train/chat_eval.py)")
+    a("--task-data-dir", default=None, help="local task data: DIR/<task>/, e.g. DIR/gsm8k/ (see nanochat_jax/tasks/spec.py)")
     a("--save-every", type=int, default=-1)
     a("--resume", action="store_true", help="continue from the latest complete checkpoint in --out-dir")
     a("--model-tag", default=None)
@@ -148,8 +148,8 @@ def main(argv=None):
     tok = Tokenizer.load(Path(args.tokenizer_dir) if args.tokenizer_dir else home_dir() / "tokenizer")
     try:
         mesh = sharding.make_mesh(args.mesh)
-        train_tasks = parse_mixture(args.mixture)
-        val_tasks = None if args.val_mixture == "none" else parse_mixture(args.val_mixture)
+        train_tasks = parse_mixture(args.mixture, args.task_data_dir)
+        val_tasks = None if args.val_mixture == "none" else parse_mixture(args.val_mixture, args.task_data_dir)
     except (ValueError, FileNotFoundError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
 

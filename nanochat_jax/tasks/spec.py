@@ -4,7 +4,8 @@
     MIXTURE := ENTRY (',' ENTRY)*
 
 NAME is smoltalk, mmlu, gsm8k, arc-easy, arc-challenge, humaneval, chatterbot (the offline
-chatterbot-corpus set, built on first use) or jsonl=PATH (a CustomJSON file). START/STOP
+chatterbot-corpus set, built on first use) or jsonl=PATH (a CustomJSON file). With a data
+dir (the scripts' --task-data-dir), DIR/<NAME>/ overrides a task's default source. START/STOP
 slice the (shuffled) task and may be negative; REPEAT lists the task that many times in the
 mixture (oversampling). Examples:
 
@@ -16,6 +17,7 @@ mixture (oversampling). Examples:
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Callable
 
 from nanochat_jax.tasks.common import Task, TaskMixture
@@ -24,20 +26,26 @@ _ENTRY = re.compile(r"^(?P<name>jsonl=[^@\[*]+|[a-z0-9_-]+)(?:@(?P<split>[a-z_]+
                     r"(?:\[(?P<start>-?\d*):(?P<stop>-?\d*)\])?(?:\*(?P<repeat>\d+))?$")
 
 
-def _factories() -> dict[str, Callable[..., Task]]:
+def _factories(data_dir=None) -> dict[str, Callable[..., Task]]:
+    """name → factory(split); with data_dir, a task whose DIR/<name>/ exists reads it instead of
+    its default source."""
     from nanochat_jax.tasks.arc import ARC
     from nanochat_jax.tasks.gsm8k import GSM8K
     from nanochat_jax.tasks.humaneval import HumanEval
     from nanochat_jax.tasks.mmlu import MMLU
     from nanochat_jax.tasks.smoltalk import SmolTalk
 
+    def src(name):
+        local = Path(data_dir) / name if data_dir else None
+        return {"data_dir": local} if local is not None and local.exists() else {}
+
     return {
-        "smoltalk": lambda split: SmolTalk(split=split or "train"),
-        "mmlu": lambda split: MMLU(subset="all", split=split or "test"),
-        "gsm8k": lambda split: GSM8K(subset="main", split=split or "test"),
-        "arc-easy": lambda split: ARC(subset="ARC-Easy", split=split or "test"),
-        "arc-challenge": lambda split: ARC(subset="ARC-Challenge", split=split or "test"),
-        "humaneval": lambda split: HumanEval(),
+        "smoltalk": lambda split: SmolTalk(split=split or "train", **src("smoltalk")),
+        "mmlu": lambda split: MMLU(subset="all", split=split or "test", **src("mmlu")),
+        "gsm8k": lambda split: GSM8K(subset="main", split=split or "test", **src("gsm8k")),
+        "arc-easy": lambda split: ARC(subset="ARC-Easy", split=split or "test", **src("arc-easy")),
+        "arc-challenge": lambda split: ARC(subset="ARC-Challenge", split=split or "test", **src("arc-challenge")),
+        "humaneval": lambda split: HumanEval(**src("humaneval")),
         "chatterbot": lambda split: _chatterbot(),
     }
 
@@ -64,8 +72,9 @@ def _slice(task: Task, start: str | None, stop: str | None) -> Task:
     return task
 
 
-def parse_entry(entry: str) -> tuple[Task, int]:
-    """(task, repeat) for one ENTRY; errors say what was expected."""
+def parse_entry(entry: str, data_dir=None) -> tuple[Task, int]:
+    """(task, repeat) for one ENTRY; errors say what was expected. data_dir: DIR/<name>/ holds
+    local data for named tasks (e.g. DIR/gsm8k/test.jsonl)."""
     m = _ENTRY.match(entry.strip())
     if not m:
         raise ValueError(f"bad task entry {entry!r}: expected NAME[@SPLIT][[START:STOP]][*REPEAT], "
@@ -75,7 +84,7 @@ def parse_entry(entry: str) -> tuple[Task, int]:
         from nanochat_jax.tasks.customjson import CustomJSON
         task = CustomJSON(name[len("jsonl="):])
     else:
-        factories = _factories()
+        factories = _factories(data_dir)
         if name not in factories:
             raise ValueError(f"unknown task {name!r} in {entry!r}; known: {', '.join(factories)}, jsonl=PATH")
         task = factories[name](split)
@@ -84,11 +93,11 @@ def parse_entry(entry: str) -> tuple[Task, int]:
     return task, int(m["repeat"] or 1)
 
 
-def parse_mixture(spec: str) -> TaskMixture:
+def parse_mixture(spec: str, data_dir=None) -> TaskMixture:
     """A TaskMixture (upstream's seeded shuffle) of the comma-separated entries."""
     tasks = []
     for entry in filter(None, (e.strip() for e in spec.split(","))):
-        task, repeat = parse_entry(entry)
+        task, repeat = parse_entry(entry, data_dir)
         tasks += [task] * repeat
     if not tasks:
         raise ValueError(f"empty task mixture {spec!r}")
