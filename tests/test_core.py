@@ -6,16 +6,14 @@ import io
 import json
 import math
 import random
-import threading
 import zipfile
-from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fault_server import FaultServer
 from test_base_train import argv as train_argv
 from test_base_train import data  # noqa: F401  (module fixture: parquet shards + a 320-token tokenizer)
 
@@ -452,43 +450,13 @@ def bundle_zip(tmp_path, top="eval_bundle/", with_yaml=True) -> bytes:
     return buf.getvalue()
 
 
-class ZipServer:
-    """Serves /eval_bundle.zip; faults: drop (half the body, full Content-Length), garbage, 404, 500."""
+class ZipServer(FaultServer):
+    """Serves /eval_bundle.zip; `queue` takes one-shot faults in order (drop, corrupt, 404, 500)."""
 
     def __init__(self, body: bytes):
-        self.body, self.hits, self.faults = body, Counter(), []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                server.hits[self.path] += 1
-                fault = server.faults.pop(0) if server.faults else None
-                if self.path != "/eval_bundle.zip" or fault == "404":
-                    return self.send_error(404)
-                if fault == "500":
-                    return self.send_error(500)
-                body = b"<html>not a zip</html>" * 50 if fault == "garbage" else server.body
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body[: len(body) // 2] if fault == "drop" else body)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/eval_bundle.zip"
-
-    def __enter__(self):
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.01,), daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join()
+        super().__init__()
+        self.routes = {"/eval_bundle.zip": body}
+        self.url = f"{self.base}/eval_bundle.zip"
 
 
 def _leftovers(parent: Path):
@@ -510,7 +478,7 @@ def test_download_retries_truncated_and_garbage_responses(tmp_path):
     dest = tmp_path / "eval_bundle"
     sleeps = []
     with ZipServer(bundle_zip(tmp_path, top="")) as srv:  # a zip without the top folder works too
-        srv.faults = ["drop", "garbage", "500"]
+        srv.queue = ["drop", "corrupt", "500"]
         core.download_bundle(dest, srv.url, progress=False, sleep=sleeps.append, backoff=2.0)
         assert srv.hits["/eval_bundle.zip"] == 4
     assert sleeps == [2.0, 4.0, 8.0]
@@ -520,14 +488,14 @@ def test_download_retries_truncated_and_garbage_responses(tmp_path):
 def test_failed_downloads_leave_nothing_that_reads_as_a_bundle(tmp_path):
     dest = tmp_path / "eval_bundle"
     with ZipServer(bundle_zip(tmp_path)) as srv:
-        srv.faults = ["drop"] * 3
+        srv.queue = ["drop"] * 3
         with pytest.raises(core.BundleDownloadError, match="failed after 3 attempt.*connection dropped"):
             core.download_bundle(dest, srv.url, retries=3, progress=False, sleep=lambda s: None)
         assert not dest.exists() and _leftovers(tmp_path) == []
-        srv.faults = ["garbage"] * 2
+        srv.queue = ["corrupt"] * 2
         with pytest.raises(core.BundleDownloadError, match="not a valid zip"):
             core.download_bundle(dest, srv.url, retries=2, progress=False, sleep=lambda s: None)
-        srv.faults = ["404"]
+        srv.queue = ["404"]
         n = srv.hits["/eval_bundle.zip"]
         with pytest.raises(core.BundleDownloadError, match="failed after 1 attempt"):
             core.download_bundle(dest, srv.url, progress=False, sleep=lambda s: None)

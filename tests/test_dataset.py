@@ -6,12 +6,12 @@ import subprocess
 import sys
 import threading
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from fault_server import FaultServer
 
 from nanochat_jax.data.dataset import (
     MAX_SHARD,
@@ -47,76 +47,16 @@ def shard_bytes(index: int) -> bytes:
     return parquet_bytes(pa.table({"text": docs(index)}))
 
 
-class ShardServer:
-    """Serves fixture shards under /data/, counts requests per file, injects faults per file.
-
-    Fault kinds: drop (full Content-Length, half the body, then close), overlong (the
-    whole valid body but a Content-Length 100 bytes larger), corrupt (non-parquet bytes
-    with a correct Content-Length), partial (status 206 with the valid body), 500.
-    """
+class ShardServer(FaultServer):
+    """Serves fixture shards under /data/; hits and faults are keyed by file name."""
 
     def __init__(self):
-        self.files = {shard_name(i): shard_bytes(i) for i in [*range(6), CLIMBMIX_VAL, FINEWEB_VAL]}
-        self.hits = Counter()
-        self.faults = {}  # name -> [kind, remaining requests or None for always]
-        self.barrier = None  # when set, every request waits until barrier.parties are in flight
-        self.lock = threading.Lock()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/data"
+        super().__init__()
+        self.routes = {f"/data/{shard_name(i)}": shard_bytes(i) for i in [*range(6), CLIMBMIX_VAL, FINEWEB_VAL]}
+        self.url = f"{self.base}/data"
 
-    def fail(self, name: str, kind: str, times: int | None = None) -> None:
-        self.faults[name] = [kind, times]
-
-    def _take_fault(self, name: str) -> str | None:
-        with self.lock:
-            self.hits[name] += 1
-            fault = self.faults.get(name)
-            if fault is None or fault[1] == 0:
-                return None
-            if fault[1] is not None:
-                fault[1] -= 1
-            return fault[0]
-
-    def _handler(self):
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                prefix, _, name = self.path.rpartition("/")
-                fault = server._take_fault(name)
-                if server.barrier is not None:
-                    try:
-                        server.barrier.wait(timeout=5)
-                    except threading.BrokenBarrierError:
-                        return self.send_error(500, "requests were not concurrent")
-                body = server.files.get(name)
-                if prefix != "/data" or body is None:
-                    return self.send_error(404, "File not found")
-                if fault == "500":
-                    return self.send_error(500)
-                if fault == "corrupt":
-                    body = b"this is not parquet " * (len(body) // 20)
-                declared = len(body) + (100 if fault == "overlong" else 0)
-                self.send_response(206 if fault == "partial" else 200)
-                self.send_header("Content-Length", str(declared))
-                self.end_headers()
-                self.wfile.write(body[: len(body) // 2] if fault == "drop" else body)
-
-        return Handler
-
-    def __enter__(self):
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.01,), daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join()
+    def key(self, path: str) -> str:
+        return path.rpartition("/")[2]
 
 
 @pytest.fixture
@@ -268,7 +208,7 @@ def test_invalid_payload_is_never_kept(server, tmp_path, sleeps, case):
     if fault:
         server.fail(shard_name(2), fault)
     else:
-        server.files[shard_name(2)] = body
+        server.routes["/data/" + shard_name(2)] = body
     with pytest.raises(DownloadError, match=r"shard_00002\.parquet.*2 attempt"):
         fetch(server, tmp_path, 3, sleeps, retries=2)
     assert server.hits[shard_name(2)] == 2
@@ -278,7 +218,7 @@ def test_invalid_payload_is_never_kept(server, tmp_path, sleeps, case):
 
 
 def test_404_fails_fast_with_clear_error(server, tmp_path, sleeps):
-    del server.files[shard_name(3)]
+    del server.routes["/data/" + shard_name(3)]
     with pytest.raises(DownloadError, match=r"shard_00003\.parquet.*1 attempt.*404"):
         fetch(server, tmp_path, 4, sleeps)
     assert server.hits[shard_name(3)] == 1
@@ -353,7 +293,7 @@ def test_cli_downloads(server, tmp_path):
 
 
 def test_cli_reports_failure(server, tmp_path):
-    del server.files[shard_name(0)]
+    del server.routes["/data/" + shard_name(0)]
     res = run_cli("-n", "1", "--data-dir", str(tmp_path), "--base-url", server.url)
     assert res.returncode == 1
     assert "shard_00000.parquet" in res.stderr and "404" in res.stderr

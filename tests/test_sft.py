@@ -4,12 +4,11 @@ weighted train steps, and a tiny model that memorizes its conversations end to e
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from nanochat_jax import model, optim, sharding
+from nanochat_jax import optim, sharding
 from nanochat_jax.checkpoint import Checkpointer
 from nanochat_jax.config import GPTConfig
 from nanochat_jax.data.sft import SFTPackIterDataset, sft_lr_multiplier

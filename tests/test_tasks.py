@@ -9,16 +9,15 @@ import math
 import os
 import random
 import threading
-import time
 import zipfile
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from fault_server import FaultServer
 
 from nanochat_jax.data.corpus import FetchError, to_messages
 from nanochat_jax.data.dataset import DownloadError
@@ -27,8 +26,18 @@ from nanochat_jax.tasks.arc import ARC
 from nanochat_jax.tasks.common import Task, TaskMixture, TaskSequence, render_mc
 from nanochat_jax.tasks.customjson import CustomJSON
 from nanochat_jax.tasks.gsm8k import GSM8K, answer_parts, extract_answer
-from nanochat_jax.tasks.hub import TableDataset, download_hub_dataset, find_split_files, load_hub_dataset
-from nanochat_jax.tasks.humaneval import HumanEval, build_program, extract_imports, extract_program
+from nanochat_jax.tasks.hub import (
+    TableDataset,
+    download_hub_dataset,
+    find_split_files,
+    load_hub_dataset,
+)
+from nanochat_jax.tasks.humaneval import (
+    HumanEval,
+    build_program,
+    extract_imports,
+    extract_program,
+)
 from nanochat_jax.tasks.mmlu import MMLU
 from nanochat_jax.tasks.smoltalk import SmolTalk
 from nanochat_jax.tokenizer import _turns
@@ -684,19 +693,13 @@ def parquet_bytes(rows) -> bytes:
     return buf.getvalue()
 
 
-class HubServer:
+class HubServer(FaultServer):
     """The HF parquet API on 127.0.0.1: GET /api/datasets/{repo}/parquet/{subset}/{split} → JSON list of
-    URLs, GET /files/{name} → bytes. Faults per path: drop (half the body), 500, corrupt (not parquet)."""
+    URLs, GET /files/{name} → bytes; faults per path (fault_server.py)."""
 
     def __init__(self):
-        self.routes = {}
-        self.hits = Counter()
-        self.faults = {}
-        self.delay = 0.0
-        self.lock = threading.Lock()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        super().__init__()
+        self.url = self.base
 
     def add(self, repo, subset, split, shards) -> list[str]:
         names = [f"{repo.replace('/', '_')}-{subset}-{split}-{i}.parquet" for i in range(len(shards))]
@@ -710,53 +713,6 @@ class HubServer:
     def listing(repo, subset, split):
         return f"/api/datasets/{repo}/parquet/{subset}/{split}"
 
-    def fail(self, path, kind, times=None):
-        self.faults[path] = [kind, times]
-
-    def _take(self, path):
-        with self.lock:
-            self.hits[path] += 1
-            fault = self.faults.get(path)
-            if fault is None or fault[1] == 0:
-                return None
-            if fault[1] is not None:
-                fault[1] -= 1
-            return fault[0]
-
-    def _handler(self):
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                fault = server._take(self.path)
-                if server.delay:
-                    time.sleep(server.delay)
-                body = server.routes.get(self.path)
-                if body is None:
-                    return self.send_error(404, "Not Found")
-                if fault == "500":
-                    return self.send_error(500)
-                if fault == "corrupt":
-                    body = b"<html>rate limited</html>" * 10
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body[: len(body) // 2] if fault == "drop" else body)
-
-        return Handler
-
-    def __enter__(self):
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.01,), daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join()
 
 
 @pytest.fixture

@@ -21,7 +21,12 @@ from pathlib import Path
 from nanochat_jax.common import resolve_dtype
 from nanochat_jax.data.dataset import home_dir
 from nanochat_jax.engine import Engine
-from nanochat_jax.evals.chat import BASELINES, categorical_accuracy, chatcore, generative_accuracy
+from nanochat_jax.evals.chat import (
+    BASELINES,
+    categorical_accuracy,
+    chatcore,
+    generative_accuracy,
+)
 from nanochat_jax.tokenizer import Tokenizer
 
 TASKS = tuple(BASELINES)
