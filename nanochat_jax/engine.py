@@ -42,8 +42,11 @@ class DecodeState(NamedTuple):
     yet in the cache (the next step feeds it). `lengths_S` counts cached tokens.
     """
 
-    k_LSTKD: jax.Array
-    v_LSTKD: jax.Array
+    # One (slot, kv head, position, head dim) buffer per layer: heads before time, so decode
+    # attention is a contiguous batched matvec, and a layer is read in place (slicing one
+    # stacked array copied every layer's cache every step).
+    k_cache: tuple[jax.Array, ...]
+    v_cache: tuple[jax.Array, ...]
     lengths_S: jax.Array  # int32, tokens in the cache
     limit_S: jax.Array  # int32, total tokens (prompt + generated) the slot may reach
     prev_SC: jax.Array  # normalized pre-smear embedding of the last cached token
@@ -59,8 +62,8 @@ class DecodeState(NamedTuple):
 class Prefix(NamedTuple):
     """A prefilled prompt: a one-row cache of bucket length and its next-token logits."""
 
-    k_L1TKD: jax.Array
-    v_L1TKD: jax.Array
+    k_cache: tuple[jax.Array, ...]  # per layer (1, kv head, bucket length, head dim)
+    v_cache: tuple[jax.Array, ...]
     length: jax.Array  # int32 scalar, the true prompt length
     prev_C: jax.Array
     logits_V: jax.Array  # fp32 logits after the last prompt token
@@ -74,31 +77,41 @@ def _dense(x, kernel):
     return y.reshape(*x.shape[:-1], kernel.shape[-1])
 
 
-def _attend(q_BTHD, k_BSKD, v_BSKD, pos_BT, window_left: int):
-    """Query at position p sees cache entries j with p - window_left <= j <= p (training's rule)."""
+def _attend(q_BTHD, k_BKSD, v_BKSD, pos_BT, window_left: int):
+    """Query at position p sees cache entries j with p - window_left <= j <= p (training's rule).
+
+    The cache is (batch, kv head, position, dim), so both einsums batch over contiguous
+    (b, k) blocks: XLA:CPU runs them as small GEMMs without first transposing the cache,
+    which at 32 slots cost 7x the attention itself.
+    """
     B, T, H, hd = q_BTHD.shape
-    Hkv = k_BSKD.shape[2]
-    q_BTKGD = q_BTHD.reshape(B, T, Hkv, H // Hkv, hd)
-    s_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BSKD, preferred_element_type=jnp.float32) * hd ** -0.5
-    j_S = jnp.arange(k_BSKD.shape[1])
-    ok_BTS = (j_S[None, None] <= pos_BT[..., None]) & (j_S[None, None] >= pos_BT[..., None] - window_left)
+    Hkv, G = k_BKSD.shape[1], H // k_BKSD.shape[1]
+    q_BKQD = q_BTHD.reshape(B, T, Hkv, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, hd)  # Q = (g, t)
+    s_BKQS = jnp.einsum("bkqd,bksd->bkqs", q_BKQD, k_BKSD, preferred_element_type=jnp.float32) * hd ** -0.5
+    j_S = jnp.arange(k_BKSD.shape[2])
+    pos_BQ = jnp.broadcast_to(pos_BT[:, None], (B, G, T)).reshape(B, G * T)
+    ok_BQS = (j_S[None, None] <= pos_BQ[..., None]) & (j_S[None, None] >= pos_BQ[..., None] - window_left)
     # A finite fill keeps rows with nothing to see (slots not written this step) NaN-free.
-    s_BKGTS = jnp.where(ok_BTS[:, None, None], s_BKGTS, jnp.finfo(jnp.float32).min)
-    p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1).astype(v_BSKD.dtype)
-    y_BTKGD = jnp.einsum("bkgts,bskd->btkgd", p_BKGTS, v_BSKD)
-    return y_BTKGD.reshape(B, T, H * hd)
+    s_BKQS = jnp.where(ok_BQS[:, None], s_BKQS, jnp.finfo(jnp.float32).min)
+    p_BKQS = jax.nn.softmax(s_BKQS, axis=-1).astype(v_BKSD.dtype)
+    y_BKQD = jnp.einsum("bkqs,bksd->bkqd", p_BKQS, v_BKSD)
+    return y_BKQD.reshape(B, Hkv, G, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
 
 
-def forward_cached(params, tokens_BT, k_LBSKD, v_LBSKD, lengths_B, prev_BC, n_new_B, *, config: GPTConfig, dtype):
-    """Forward tokens at positions lengths_B + t, writing their k/v into the cache.
+def forward_cached(params, tokens_BT, k_cache, v_cache, lengths_B, prev_BC, n_new_B, *, config: GPTConfig, dtype,
+                   last_only: bool = False):
+    """Forward tokens at positions lengths_B + t, writing their k/v into the cache (per layer
+    (B, Hkv, S, hd) buffers).
 
     Only the first n_new_B tokens of a row are real: later ones (prompt padding, idle
     slots) write nothing and never reach real queries. Returns (fp32 softcapped logits
     (B, T, V), k, v, prev_BC updated to the last real token's pre-smear embedding).
+    last_only: logits (B, 1, V) of each row's last real token only (prefill skips the
+    vocab-sized head on every other position).
     """
     cfg, cd = config, resolve_dtype(dtype)
     B, T = tokens_BT.shape
-    S = k_LBSKD.shape[2]
+    S = k_cache[0].shape[2]
     H, Hkv, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
     pos_BT = lengths_B[:, None] + jnp.arange(T)[None]
     real_BT = jnp.arange(T)[None] < n_new_B[:, None]
@@ -118,7 +131,7 @@ def forward_cached(params, tokens_BT, k_LBSKD, v_LBSKD, lengths_B, prev_BC, n_ne
 
     cos_BTD, sin_BTD = jax.vmap(lambda off: rotary_tables(T, hd, cd, off))(lengths_B)
     rotary = jax.vmap(lambda t, c, s: apply_rotary(t[None], c, s)[0])
-    x_backout = None
+    x_backout, k_cache, v_cache = None, list(k_cache), list(v_cache)
     for i in range(cfg.n_layer):
         p = params[f"h_{i}"]
         x = params["resid_lambdas"][i].astype(cd) * x + params["x0_lambdas"][i].astype(cd) * x0
@@ -132,38 +145,102 @@ def forward_cached(params, tokens_BT, k_LBSKD, v_LBSKD, lengths_B, prev_BC, n_ne
             v = v + (3 * jax.nn.sigmoid(gate))[..., None] * ve
         q, k = rotary(q, cos_BTD, sin_BTD), rotary(k, cos_BTD, sin_BTD)
         q, k = rms_norm(q) * QK_SCALE, rms_norm(k) * QK_SCALE
-        k_LBSKD = k_LBSKD.at[i, row_BT, write_BT].set(k.astype(k_LBSKD.dtype), mode="drop")
-        v_LBSKD = v_LBSKD.at[i, row_BT, write_BT].set(v.astype(v_LBSKD.dtype), mode="drop")
-        y = _attend(q, k_LBSKD[i], v_LBSKD[i], pos_BT, cfg.window_sizes[i]).astype(cd)
+        # Advanced indices around a slice: the indexed view is (B, T, Hkv, hd), k's own shape.
+        k_cache[i] = k_cache[i].at[row_BT, :, write_BT].set(k.astype(k_cache[i].dtype), mode="drop")
+        v_cache[i] = v_cache[i].at[row_BT, :, write_BT].set(v.astype(v_cache[i].dtype), mode="drop")
+        y = _attend(q, k_cache[i], v_cache[i], pos_BT, cfg.window_sizes[i]).astype(cd)
         x = x + _dense(y, p["attn"]["c_proj"]["kernel"])
         h = jnp.square(jax.nn.relu(_dense(rms_norm(x), p["mlp"]["c_fc"]["kernel"])))
         x = x + _dense(h, p["mlp"]["c_proj"]["kernel"])
         if i == cfg.backout_layer:
             x_backout = x
+    if last_only:
+        x, x_backout = (a[jnp.arange(B), last][:, None] for a in (x, x_backout))
     x = rms_norm(x - params["backout_lambda"].astype(cd) * x_backout)
     logits = _dense(x, params["lm_head"]["kernel"])[..., :cfg.vocab_size].astype(jnp.float32)
-    return SOFTCAP * jnp.tanh(logits / SOFTCAP), k_LBSKD, v_LBSKD, new_prev_BC
+    return SOFTCAP * jnp.tanh(logits / SOFTCAP), tuple(k_cache), tuple(v_cache), new_prev_BC
 
 
 # ---- sampling -------------------------------------------------------------------------------
 
-def sample_logits(logits_SV, keys_SK, temperature_S, top_k_S, top_p_S):
-    """One token per row: temperature 0 = argmax; else top-k (0 = off), then top-p (1 = off)
-    over the tempered distribution, then a categorical draw with the row's own key."""
-    V = logits_SV.shape[-1]
-    sorted_SV = -jnp.sort(-logits_SV, axis=-1)
-    k_S = jnp.where(top_k_S > 0, jnp.clip(top_k_S, 1, V), V)
-    kth_S1 = jnp.take_along_axis(sorted_SV, (k_S - 1)[:, None], axis=-1)
+TOP_K_FAST = 256  # top-k up to this many is found with lax.top_k instead of a full-vocab sort
+
+
+def _draw(scaled_SV, keys_SK):
+    """One categorical draw per row by inverting the CDF with the row's own uniform.
+
+    One random number per row instead of a Gumbel per vocabulary entry: on CPU the
+    V-wide noise cost more than the whole decode forward. -inf entries have probability
+    0 and are never drawn (u > 0).
+    """
+    u_S = jax.vmap(lambda k: jax.random.uniform(jax.random.wrap_key_data(k), minval=jnp.finfo(jnp.float32).tiny))(
+        keys_SK)
+    cdf_SV = jnp.cumsum(jax.nn.softmax(scaled_SV, axis=-1), axis=-1)
+    idx_S = jnp.sum(cdf_SV < (u_S * cdf_SV[:, -1])[:, None], axis=-1)
+    return jnp.minimum(idx_S, scaled_SV.shape[-1] - 1).astype(jnp.int32)
+
+
+def _filtered(logits_SV, kth_S1, temperature_S, top_p_S, sorted_SV):
+    """Top-k (entries below kth_S1 dropped), then top-p over the tempered distribution.
+
+    sorted_SV holds each row's largest logits in descending order, at least top_k of them
+    (all V when top-p must see the whole distribution); top_p 1 drops nothing.
+    """
     t_S1 = jnp.where(temperature_S > 0, temperature_S, 1.0)[:, None]
     scaled_SV = jnp.where(logits_SV < kth_S1, -jnp.inf, logits_SV / t_S1)
-    sorted_scaled_SV = jnp.where(jnp.arange(V)[None] < k_S[:, None], sorted_SV / t_S1, -jnp.inf)
+    sorted_scaled_SV = jnp.where(sorted_SV < kth_S1, -jnp.inf, sorted_SV / t_S1)
     probs_SV = jax.nn.softmax(sorted_scaled_SV, axis=-1)
     keep_SV = jnp.cumsum(probs_SV, axis=-1) - probs_SV < top_p_S[:, None]  # the smallest set with mass >= p
     cutoff_S1 = jnp.min(jnp.where(keep_SV, sorted_scaled_SV, jnp.inf), axis=-1, keepdims=True)
-    scaled_SV = jnp.where(scaled_SV < cutoff_S1, -jnp.inf, scaled_SV)
-    keys = jax.vmap(jax.random.wrap_key_data)(keys_SK)
-    sampled_S = jax.vmap(jax.random.categorical)(keys, scaled_SV)
-    return jnp.where(temperature_S > 0, sampled_S, jnp.argmax(logits_SV, axis=-1)).astype(jnp.int32)
+    cutoff_S1 = jnp.where(top_p_S[:, None] >= 1, -jnp.inf, cutoff_S1)
+    return jnp.where(scaled_SV < cutoff_S1, -jnp.inf, scaled_SV)
+
+
+def _argmax(logits_SV):
+    """jnp.argmax (first maximum) as two plain reductions: XLA:CPU runs its (value, index)
+    reduce 4-6x slower than a max and a min over the 32k vocabulary."""
+    V = logits_SV.shape[-1]
+    best_S1 = jnp.max(logits_SV, axis=-1, keepdims=True)
+    idx_S = jnp.min(jnp.where(logits_SV == best_S1, jnp.arange(V, dtype=jnp.int32), V - 1), axis=-1)
+    return idx_S.astype(jnp.int32)
+
+
+def sample_logits(logits_SV, keys_SK, temperature_S, top_k_S, top_p_S):
+    """One token per row: temperature 0 = argmax; else top-k (0 = off), then top-p (1 = off)
+    over the tempered distribution, then a categorical draw with the row's own key.
+
+    The work is picked per batch (lax.switch): argmax only when every row is greedy, no
+    sort when no row filters, lax.top_k when every filter is a top-k <= TOP_K_FAST
+    without top-p, else a full-vocab sort. Every branch feeds a row's draw the same
+    tempered, filtered logits and the same uniform, so a row's token does not depend on
+    the other rows (top_p = 1 cuts nothing, so top-k rows agree between the last two).
+    """
+    V = logits_SV.shape[-1]
+    greedy_S = _argmax(logits_SV)
+    sampling_S = temperature_S > 0
+    t_S1 = jnp.where(sampling_S, temperature_S, 1.0)[:, None]
+    k_fast = min(TOP_K_FAST, V)
+    k_S = jnp.where(top_k_S > 0, jnp.clip(top_k_S, 1, V), V)
+
+    def plain():
+        return _draw(logits_SV / t_S1, keys_SK)
+
+    def top_k_only():  # top_p is 1 everywhere and k <= k_fast where k < V
+        top_SK = jax.lax.top_k(logits_SV, k_fast)[0]
+        kth_S1 = jnp.where((k_S <= k_fast)[:, None],
+                           jnp.take_along_axis(top_SK, (jnp.minimum(k_S, k_fast) - 1)[:, None], axis=-1), -jnp.inf)
+        return _draw(_filtered(logits_SV, kth_S1, temperature_S, top_p_S, top_SK), keys_SK)
+
+    def full():
+        sorted_SV = -jnp.sort(-logits_SV, axis=-1)
+        kth_S1 = jnp.take_along_axis(sorted_SV, (k_S - 1)[:, None], axis=-1)
+        return _draw(_filtered(logits_SV, kth_S1, temperature_S, top_p_S, sorted_SV), keys_SK)
+
+    filters_S = sampling_S & (k_S < V)
+    needs_sort = jnp.any(sampling_S & ((top_p_S < 1) | ((k_S > k_fast) & (k_S < V))))
+    branch = jnp.where(~jnp.any(sampling_S), 0, jnp.where(needs_sort, 3, jnp.where(jnp.any(filters_S), 2, 1)))
+    sampled_S = jax.lax.switch(branch, [lambda: greedy_S, plain, top_k_only, full])
+    return jnp.where(sampling_S, sampled_S, greedy_S)
 
 
 def _split_keys(keys_SK):
@@ -183,11 +260,12 @@ def _finish(token_S, total_S, limit_S, stop_ids_N):
 def init_state(config: GPTConfig, slots: int, max_len: int, stop_ids, dtype=None) -> DecodeState:
     """An empty decode state: `slots` free rows of a `max_len`-token cache."""
     cd = resolve_dtype(dtype)
-    cache = jnp.zeros((config.n_layer, slots, max_len, config.n_kv_head, config.head_dim), cd)
+    cache = lambda: tuple(jnp.zeros((slots, config.n_kv_head, max_len, config.head_dim), cd)  # noqa: E731
+                          for _ in range(config.n_layer))
     key_shape = jax.random.key_data(jax.random.key(0)).shape
     zeros_i = lambda: jnp.zeros((slots,), jnp.int32)  # noqa: E731  (fresh buffers: the state is donated)
     return DecodeState(
-        k_LSTKD=cache, v_LSTKD=jnp.zeros_like(cache), lengths_S=zeros_i(), limit_S=zeros_i(),
+        k_cache=cache(), v_cache=cache(), lengths_S=zeros_i(), limit_S=zeros_i(),
         prev_SC=jnp.zeros((slots, config.n_embd), cd), last_token_S=zeros_i(),
         finish_S=jnp.full((slots,), FREE, jnp.int32), keys_SK=jnp.zeros((slots, *key_shape), jnp.uint32),
         temperature_S=jnp.zeros((slots,), jnp.float32), top_k_S=zeros_i(), top_p_S=jnp.ones((slots,), jnp.float32),
@@ -199,11 +277,12 @@ def prefill(params, tokens_1T, length, *, config: GPTConfig, dtype=None) -> Pref
     """Prefill one prompt padded to a bucket length T (one compile per bucket)."""
     cd = resolve_dtype(dtype)
     T = tokens_1T.shape[1]
-    cache = jnp.zeros((config.n_layer, 1, T, config.n_kv_head, config.head_dim), cd)
+    cache = (jnp.zeros((1, config.n_kv_head, T, config.head_dim), cd),) * config.n_layer
     length = jnp.asarray(length, jnp.int32)
     logits, k, v, prev = forward_cached(params, tokens_1T, cache, cache, jnp.zeros((1,), jnp.int32),
-                                        jnp.zeros((1, config.n_embd), cd), length[None], config=config, dtype=cd)
-    return Prefix(k, v, length, prev[0], logits[0, length - 1])
+                                        jnp.zeros((1, config.n_embd), cd), length[None], config=config, dtype=cd,
+                                        last_only=True)
+    return Prefix(k, v, length, prev[0], logits[0, 0])
 
 
 def bucket_length(n: int, max_len: int) -> int:
@@ -220,22 +299,39 @@ def insert(state: DecodeState, prefix: Prefix, slot, key_data, temperature, top_
     """
     slot = jnp.asarray(slot, jnp.int32)
     zero = jnp.zeros((), jnp.int32)
-    k = jax.lax.dynamic_update_slice(state.k_LSTKD, prefix.k_L1TKD.astype(state.k_LSTKD.dtype), (zero, slot, zero, zero, zero))
-    v = jax.lax.dynamic_update_slice(state.v_LSTKD, prefix.v_L1TKD.astype(state.v_LSTKD.dtype), (zero, slot, zero, zero, zero))
+    at = (slot, zero, zero, zero)
+    k = tuple(jax.lax.dynamic_update_slice(c, p.astype(c.dtype), at) for c, p in zip(state.k_cache, prefix.k_cache))
+    v = tuple(jax.lax.dynamic_update_slice(c, p.astype(c.dtype), at) for c, p in zip(state.v_cache, prefix.v_cache))
     temperature = jnp.asarray(temperature, jnp.float32)[None]
     top_k = jnp.asarray(top_k, jnp.int32)[None]
     top_p = jnp.asarray(top_p, jnp.float32)[None]
     keys_1K, sub_1K = _split_keys(jnp.asarray(key_data, jnp.uint32)[None])
     token = sample_logits(prefix.logits_V[None], sub_1K, temperature, top_k, top_p)
-    limit = jnp.minimum(prefix.length + max_tokens, state.k_LSTKD.shape[2])[None].astype(jnp.int32)
+    limit = jnp.minimum(prefix.length + max_tokens, state.k_cache[0].shape[2])[None].astype(jnp.int32)
     finish = _finish(token, prefix.length[None] + 1, limit, state.stop_ids_N)
     put = lambda a, val: a.at[slot].set(val[0].astype(a.dtype))  # noqa: E731
     return state._replace(
-        k_LSTKD=k, v_LSTKD=v, lengths_S=put(state.lengths_S, prefix.length[None]), limit_S=put(state.limit_S, limit),
+        k_cache=k, v_cache=v, lengths_S=put(state.lengths_S, prefix.length[None]), limit_S=put(state.limit_S, limit),
         prev_SC=put(state.prev_SC, prefix.prev_C[None]), last_token_S=put(state.last_token_S, token),
         finish_S=put(state.finish_S, finish), keys_SK=put(state.keys_SK, keys_1K),
         temperature_S=put(state.temperature_S, temperature), top_k_S=put(state.top_k_S, top_k),
         top_p_S=put(state.top_p_S, top_p))
+
+
+def _decode(state: DecodeState, params, forced_S, active_S, config: GPTConfig, dtype):
+    """One decode step for the `active_S` slots (a subset of the running ones)."""
+    logits, k, v, prev = forward_cached(params, state.last_token_S[:, None], state.k_cache, state.v_cache,
+                                        state.lengths_S, state.prev_SC, active_S.astype(jnp.int32),
+                                        config=config, dtype=dtype)
+    keys_SK, sub_SK = _split_keys(state.keys_SK)
+    # Idle rows count as greedy and unfiltered, so they never pull the batch onto a costlier sampler.
+    sampled_S = sample_logits(logits[:, 0], sub_SK, jnp.where(active_S, state.temperature_S, 0.0),
+                              jnp.where(active_S, state.top_k_S, 0), jnp.where(active_S, state.top_p_S, 1.0))
+    token_S = jnp.where(active_S, jnp.where(forced_S >= 0, forced_S, sampled_S), state.last_token_S)
+    lengths_S = state.lengths_S + active_S
+    finish_S = jnp.where(active_S, _finish(token_S, lengths_S + 1, state.limit_S, state.stop_ids_N), state.finish_S)
+    return state._replace(k_cache=k, v_cache=v, lengths_S=lengths_S, prev_SC=prev, last_token_S=token_S,
+                          finish_S=finish_S, keys_SK=jnp.where(active_S[:, None], keys_SK, state.keys_SK))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype"), donate_argnums=(0,))
@@ -246,18 +342,30 @@ def generate_step(state: DecodeState, params, forced_S, *, config: GPTConfig, dt
     slot's RNG, as upstream. Finished and free slots are left untouched. Returns
     (state, tokens_S, finish_S).
     """
-    running_S = state.finish_S == RUNNING
-    logits, k, v, prev = forward_cached(params, state.last_token_S[:, None], state.k_LSTKD, state.v_LSTKD,
-                                        state.lengths_S, state.prev_SC, running_S.astype(jnp.int32),
-                                        config=config, dtype=dtype)
-    keys_SK, sub_SK = _split_keys(state.keys_SK)
-    sampled_S = sample_logits(logits[:, 0], sub_SK, state.temperature_S, state.top_k_S, state.top_p_S)
-    token_S = jnp.where(running_S, jnp.where(forced_S >= 0, forced_S, sampled_S), state.last_token_S)
-    lengths_S = state.lengths_S + running_S
-    finish_S = jnp.where(running_S, _finish(token_S, lengths_S + 1, state.limit_S, state.stop_ids_N), state.finish_S)
-    state = state._replace(k_LSTKD=k, v_LSTKD=v, lengths_S=lengths_S, prev_SC=prev, last_token_S=token_S,
-                           finish_S=finish_S, keys_SK=jnp.where(running_S[:, None], keys_SK, state.keys_SK))
-    return state, token_S, finish_S
+    state = _decode(state, params, forced_S, state.finish_S == RUNNING, config, dtype)
+    return state, state.last_token_S, state.finish_S
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype"), donate_argnums=(0,))
+def generate_steps(state: DecodeState, params, forced_NS, pause_id, *, config: GPTConfig, dtype=None):
+    """N = forced_NS.shape[0] generate_steps in one call (a lax.scan): one dispatch and one
+    host sync per N tokens. Row n of forced_NS forces step n.
+
+    A slot that emits `pause_id` (<|python_end|>) sits out the rest of the call, so the
+    host can run the calculator and force its output from the next call's first step:
+    the tokens are those of N single steps. Returns (state, tokens_NS, finish_NS, fresh_NS);
+    fresh marks the steps in which a slot produced a token.
+    """
+    def body(carry, forced_S):
+        state, paused_S = carry
+        active_S = (state.finish_S == RUNNING) & ~paused_S
+        state = _decode(state, params, forced_S, active_S, config, dtype)
+        paused_S = paused_S | (active_S & (state.last_token_S == pause_id))
+        return (state, paused_S), (state.last_token_S, state.finish_S, active_S)
+
+    (state, _), (tokens_NS, finish_NS, fresh_NS) = jax.lax.scan(
+        body, (state, jnp.zeros_like(state.finish_S, bool)), forced_NS)
+    return state, tokens_NS, finish_NS, fresh_NS
 
 
 # ---- calculator tool (spec §8.4) ----------------------------------------------------------------
@@ -331,9 +439,12 @@ class Completion(NamedTuple):
 class Engine:
     """Streaming generation over the jitted core (upstream's Engine API, plus top_p)."""
 
-    def __init__(self, params, config: GPTConfig, tokenizer, dtype=None):
+    def __init__(self, params, config: GPTConfig, tokenizer, dtype=None, steps_per_call: int = 1):
+        """steps_per_call > 1 decodes that many tokens per device call (generate_steps):
+        fewer dispatches and host syncs, at the cost of up to that many wasted steps at the end."""
         self.params, self.config, self.tokenizer = params, config, tokenizer
         self.dtype = resolve_dtype(dtype)
+        self.steps_per_call = steps_per_call
         names = ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>",
                  "<|assistant_end|>", "<|bos|>")
         self.special = {s: tokenizer.encode_special(s) for s in names}
@@ -375,13 +486,32 @@ class Engine:
             yield column.tolist(), masks.tolist(), fresh.tolist(), finish.tolist()
             if (finish != RUNNING).all():
                 return
-            forced = np.array([t.forced.popleft() if t.forced and f == RUNNING else -1
-                               for t, f in zip(tools, finish)], np.int32)
-            fresh = finish == RUNNING
-            state, column, finish = generate_step(state, self.params, jnp.asarray(forced),
-                                                  config=self.config, dtype=self.dtype)
-            column, finish = np.asarray(column), np.asarray(finish)
+            state, steps = self._decode(state, tools, finish)
+            for column, finish, fresh, forced in steps[:-1]:  # all but the last step of the call
+                masks = (fresh & (forced < 0)).astype(np.int32)
+                for r in np.flatnonzero(fresh):
+                    tools[r].see(int(column[r]), self.special, self.tokenizer)
+                yield column.tolist(), masks.tolist(), fresh.tolist(), finish.tolist()
+            column, finish, fresh, forced = steps[-1]
             masks = (fresh & (forced < 0)).astype(np.int32)
+
+    def _decode(self, state, tools, finish):
+        """One device call: (state, [(column, finish, fresh, forced) per step that produced a token])."""
+        n = self.steps_per_call
+        forced = np.full((n, len(tools)), -1, np.int32)
+        for r, t in enumerate(tools):
+            for j in range(min(n, len(t.forced)) if finish[r] == RUNNING else 0):
+                forced[j, r] = t.forced.popleft()
+        if n == 1:
+            running = finish == RUNNING
+            state, column, finish = generate_step(state, self.params, jnp.asarray(forced[0]), config=self.config,
+                                                  dtype=self.dtype)
+            return state, [(np.asarray(column), np.asarray(finish), running, forced[0])]
+        state, tokens, finishes, fresh = generate_steps(state, self.params, jnp.asarray(forced),
+                                                        self.special["<|python_end|>"], config=self.config,
+                                                        dtype=self.dtype)
+        tokens, finishes, fresh = np.asarray(tokens), np.asarray(finishes), np.asarray(fresh)
+        return state, [(tokens[j], finishes[j], fresh[j], forced[j]) for j in range(n) if fresh[j].any()]
 
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None, seed=42):
         """Yields (token_column, token_masks) per step; mask 0 = forced (or an already finished row)."""

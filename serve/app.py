@@ -2,6 +2,8 @@
 
     python -m serve.app --checkpoint DIR [--nanochat] --tokenizer-dir DIR --port 8000 --slots 8
 
+`GET /` is a small chat page (serve/static/index.html) that streams from the same API.
+
 Upstream's own server (spec §8.7) was streaming-only and not OpenAI-shaped; this keeps its
 request limits and its hold-back of half-decoded UTF-8, and speaks `/v1/chat/completions`
 so stock clients (the `openai` package, curl) work unchanged.
@@ -13,18 +15,23 @@ import argparse
 import asyncio
 import json
 import secrets
+import sys
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanochat_jax.engine import Engine
 from serve.scheduler import QueueFull, Request, Scheduler
+
+STATIC = Path(__file__).parent / "static"
 
 
 @dataclass(frozen=True)
@@ -89,10 +96,22 @@ def create_app(engine_or_scheduler: Engine | Scheduler, model_name: str, api_key
         return _error(e.status, e.message, e.param, e.code, e.type, e.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_, e: RequestValidationError):
+    async def _invalid(request: HTTPRequest, e: RequestValidationError):
         err = e.errors()[0]
+        if err["type"] == "json_invalid":
+            return _error(400, f"request body is not valid JSON ({err.get('ctx', {}).get('error', 'decode error')})",
+                          code="invalid_json")
         param = ".".join(str(p) for p in err["loc"] if p != "body") or None
-        return _error(400, f"{param}: {err['msg']}" if param else err["msg"], param, "invalid_value")
+        if param is None:  # the body as a whole: not an object, empty, or not sent as JSON
+            ctype = request.headers.get("content-type", "")
+            msg = ("request body must be a JSON object" if "json" in ctype
+                   else f"Content-Type must be application/json (got {ctype or 'none'})")
+            return _error(400, msg, code="invalid_body")
+        return _error(400, f"{param}: {err['msg']}", param, "invalid_value")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_, e: StarletteHTTPException):  # 404, 405, ... in the same shape
+        return _error(e.status_code, str(e.detail), headers=getattr(e, "headers", None))
 
     @app.middleware("http")
     async def _auth(request: HTTPRequest, call_next):
@@ -102,9 +121,14 @@ def create_app(engine_or_scheduler: Engine | Scheduler, model_name: str, api_key
                 return _error(401, "invalid or missing API key (Authorization: Bearer ...)", code="invalid_api_key")
         return await call_next(request)
 
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
     @app.get("/health")
     async def health():
-        return {"status": "ok", "slots": sched.slots, "busy_slots": sched.busy_slots(), "queued": sched.queued()}
+        return {"status": "ok", "slots": sched.slots, "busy_slots": sched.busy_slots(), "queued": sched.queued(),
+                "api_key_required": bool(api_key)}
 
     @app.get("/v1/models")
     async def models():
@@ -228,10 +252,15 @@ def main(argv=None):
     ap.add_argument("--api-key", default=None)
     ap.add_argument("--model-name", default="nanochat")
     ap.add_argument("--dtype", default=None)
+    ap.add_argument("--steps-per-call", type=int, default=4, help="decode steps per device call (1: one per token)")
+    ap.add_argument("--no-warmup", action="store_true", help="skip compiling every shape before serving")
     args = ap.parse_args(argv)
     engine = load_engine(args.checkpoint, args.nanochat, args.tokenizer_dir, args.dtype)
-    sched = Scheduler(engine, slots=args.slots, max_queue=args.max_queue)
+    sched = Scheduler(engine, slots=args.slots, max_queue=args.max_queue, steps_per_call=args.steps_per_call)
     try:
+        if not args.no_warmup:
+            print("warming up (compiling prefill buckets and the decode step)...", file=sys.stderr, flush=True)
+            print(f"warm-up took {sched.warmup():.1f} s", file=sys.stderr, flush=True)
         uvicorn.run(create_app(sched, args.model_name, args.api_key), host=args.host, port=args.port)
     finally:
         sched.close()

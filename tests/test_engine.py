@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nanochat_jax import engine, model
 from nanochat_jax.config import GPTConfig
@@ -96,7 +98,7 @@ def test_cached_decode_matches_forward(config, prompts, chunk):
         np.testing.assert_allclose(prefix.logits_V, ref[slot, P - 1], rtol=1e-5, atol=1e-5)
         state = engine.insert(state, prefix, slot, jax.random.key_data(jax.random.key(0)), 0.0, 0, 1.0, max_len)
     step = jax.jit(engine.forward_cached, static_argnames=("config", "dtype"))
-    k, v, prev = state.k_LSTKD, state.v_LSTKD, state.prev_SC
+    k, v, prev = state.k_cache, state.v_cache, state.prev_SC
     lengths = np.array(prompts)
     while lengths.min() < T_total:
         n_new = np.minimum(chunk, T_total - lengths)
@@ -121,6 +123,49 @@ def test_greedy_engine_matches_model_generate():
     got = [col[0] for col, _ in eng.generate(prompt, max_tokens=24, temperature=0.0)]
     stops = [i for i, t in enumerate(want) if t in eng.stop_ids]
     assert got == want[:stops[0] + 1 if stops else 24]
+
+
+def numpy_params(config, seed):
+    """Random params drawn in numpy on init's tree (no init compile per config): every block,
+    smear and backout active, lm_head wide for clear greedy margins."""
+    rng = np.random.default_rng(seed)
+    fixed = {"resid_lambdas": 1.0, "x0_lambdas": 0.1, "smear_lambda": 0.7, "backout_lambda": 0.2}
+
+    def draw(path, leaf):
+        name = jax.tree_util.keystr(path)
+        noise = rng.standard_normal(leaf.shape).astype(np.float32)
+        base = next((v for k, v in fixed.items() if k in name), None)
+        if base is not None:
+            return jnp.asarray(base + 0.05 * noise)
+        if "lm_head" in name:
+            return jnp.asarray(0.5 * noise)
+        embedding = leaf.shape[0] == config.padded_vocab_size
+        return jnp.asarray(noise if embedding else leaf.shape[0] ** -0.5 * noise)
+
+    shapes = jax.eval_shape(lambda: model.init_params(config, jax.random.key(0), F32))
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+@settings(max_examples=6, deadline=None)
+@given(depth=st.integers(1, 3), heads=st.sampled_from([(2, 2), (4, 4), (4, 2), (4, 1)]),
+       pattern=st.sampled_from(["L", "SL", "SSL"]), seq_len=st.sampled_from([136, 144]),
+       prompt_len=st.integers(100, 120), new=st.integers(50, 64), steps=st.sampled_from([1, 4]),
+       seed=st.integers(0, 1000))
+def test_greedy_engine_matches_naive_generate_property(depth, heads, pattern, seq_len, prompt_len, new, steps, seed):
+    """Random small models whose windows (short 128, long = seq_len <= 144) are all shorter than prompt +
+    generation: the cached engine's greedy tokens equal the full-recompute model.generate's.
+    Prompts land in one bucket (128) and all caches in one length (256), so shapes stay few."""
+    config = GPTConfig(sequence_len=seq_len, vocab_size=TOK.vocab_size, n_layer=depth, n_head=heads[0],
+                       n_kv_head=heads[1], n_embd=64, window_pattern=pattern)
+    assert max(config.window_sizes) < prompt_len + new
+    params = numpy_params(config, seed)
+    rng = np.random.default_rng(seed)
+    prompt = [SP["<|bos|>"], *rng.integers(0, 256, prompt_len - 1).tolist()]
+    want = list(model.generate(params, prompt, config, new, temperature=0.0, dtype=F32))
+    eng = engine.Engine(params, config, TOK, dtype=F32, steps_per_call=steps)
+    got = [col[0] for col, _ in eng.generate(prompt, max_tokens=new, temperature=0.0)]
+    stops = [i for i, t in enumerate(want) if t in eng.stop_ids]
+    assert got == want[:stops[0] + 1 if stops else new]
 
 
 # ---- upstream's Engine behaviours (uniform mock model) -------------------------------------------
@@ -186,6 +231,42 @@ def test_sampling_filters():
     assert _draws(logits, 1.0, 0, 0.7) == {0, 1}  # 0.5 < 0.7 <= 0.8
     assert _draws(logits, 1.0, 0, 0.4) == {0}
     assert _draws(logits, 0.0, 0, 1.0) == {0}
+
+
+def test_sampler_branches_agree_per_row():
+    """The batch picks the sampler (none, plain, lax.top_k, full sort) but a row's token must
+    not depend on its neighbours: rows 0-2 draw the same with any row 3 beside them."""
+    V, n = 400, 64
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.standard_normal((n, 4, V)) * 3, F32)
+    keys = jax.random.key_data(jax.random.split(jax.random.key(1), n * 4)).reshape(n, 4, -1)
+    rows = [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.8, 7, 1.0)]  # greedy, plain, top-k
+    draw = jax.jit(jax.vmap(engine.sample_logits))
+    outs = []
+    for fourth in [(0.0, 0, 1.0), (1.0, 0, 1.0), (1.0, 50, 1.0), (1.0, 0, 0.9), (1.0, 300, 1.0)]:
+        t, k, p = (jnp.asarray(np.broadcast_to(np.array(c, dt), (n, 4))) for c, dt in
+                   zip(zip(*rows, fourth), (np.float32, np.int32, np.float32)))
+        outs.append(np.asarray(draw(logits, keys, t, k, p))[:, :3])
+    for o in outs[1:]:
+        np.testing.assert_array_equal(o, outs[0])
+    assert len(set(outs[0][:, 1].tolist())) > 10  # and the plain row really samples
+
+
+def test_steps_per_call_gives_the_same_tokens():
+    """generate_steps (N tokens per call) equals N generate_step calls: sampling, n rows, and
+    the calculator, whose <|python_end|> pauses the row until the host forces the result."""
+    params = random_params(TINY, seed=4)
+    one, many = (engine.Engine(params, TINY, TOK, dtype=F32, steps_per_call=k) for k in (1, 3))
+    for kw in (dict(temperature=1.0, top_k=20, top_p=0.9, seed=3), dict(temperature=0.7, seed=5),
+               dict(temperature=0.0)):  # two rows, a 128 cache: the shapes the tests above compiled
+        assert many.generate_batch(PROMPT, num_samples=2, max_tokens=20, **kw) == \
+            one.generate_batch(PROMPT, num_samples=2, max_tokens=20, **kw)
+    for expr, result in (("2+3", "5"), ("12+3", "15"), ("12+30", "42")):  # <|python_end|> at each step of a call
+        tool = bigram_params(TINY, _tool_chain(expr))
+        want, got = (engine.Engine(tool, TINY, TOK, dtype=F32, steps_per_call=k).complete(
+            [SP["<|bos|>"]], num_samples=2, max_tokens=20, temperature=0.0) for k in (1, 3))
+        assert TOK.decode(got[0].tokens) == expr + result
+        assert got == want and got[0].masks == [1] * (len(expr) + 2) + [0] * (len(result) + 2)
 
 
 # ---- stop / length and the calculator (scripted bigram model) -----------------------------------

@@ -191,6 +191,97 @@ def test_calculator_forcing_matches_engine():
     assert got == ([TOK.decode(want.tokens)], ["stop"]) and got[0][0] == "2+35"
 
 
+def test_multi_step_scheduler_matches_single_step(rand_engine):
+    """steps_per_call=3: the same texts (sampled, n=2, stop strings cut mid-call) and calculator forcing."""
+    prompt = TOK.render_for_completion({"messages": MSGS})
+    single, multi = Scheduler(rand_engine, slots=2), Scheduler(rand_engine, slots=2, steps_per_call=3)
+    try:
+        for kw in (dict(max_tokens=17, temperature=1.0, top_k=30, seed=4, n=2), dict(max_tokens=10, temperature=0.0)):
+            assert run_sync(multi, prompt, **kw) == run_sync(single, prompt, **kw)
+        text = run_sync(single, prompt, max_tokens=20, temperature=0.0)[0][0]
+        stop = text[5:7]  # a stop string somewhere inside a 3-step call
+        assert run_sync(multi, prompt, max_tokens=20, temperature=0.0, stop=(stop,)) == \
+            run_sync(single, prompt, max_tokens=20, temperature=0.0, stop=(stop,))
+    finally:
+        single.close(), multi.close()
+    tool = Scheduler(engine.Engine(bigram_params(CFG, _tool_chain("2+3")), CFG, TOK, dtype=F32), slots=2,
+                     steps_per_call=4)
+    assert run_sync(tool, [SP["<|bos|>"]], max_tokens=20, temperature=0.0) == (["2+35"], ["stop"])
+    tool.close()
+
+
+def test_warmup_leaves_nothing_to_compile(rand_engine):
+    """After warmup, requests of every prompt bucket, n, sampler, seed, stop string and a
+    cancel compile nothing (no XLA backend compile at all; jit caches unchanged)."""
+    import jax
+
+    sched = Scheduler(rand_engine, slots=3, steps_per_call=2)  # shapes no other test uses
+    compiled = []
+
+    def listen(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(kw.get("fun_name"))
+
+    try:
+        assert sched.warmup() > 0 and sched.busy_slots() == 0
+        jitted = (engine.prefill, engine.insert, engine.generate_steps)
+        sizes = [f._cache_size() for f in jitted]
+        jax.monitoring.register_event_duration_secs_listener(listen)
+        requests = [(5, dict(temperature=0.0)), (20, dict(temperature=0.8, n=2, top_k=40, seed=3)),
+                    (40, dict(temperature=1.0, top_p=0.5, stop=("a",))), (100, dict(temperature=1.2, seed=None))]
+        for n, kw in requests:
+            run_sync(sched, [SP["<|bos|>"]] + [B("a")] * (n - 1), max_tokens=6, **kw)
+        started = threading.Event()
+        req = Request([SP["<|bos|>"]] * 3, lambda ev: started.set(), max_tokens=50)
+        sched.submit(req)
+        assert started.wait(30)
+        sched.cancel(req)
+        run_sync(sched, [SP["<|bos|>"]], max_tokens=3)  # runs after the cancelled one is freed
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+        sched.close()
+    assert compiled == [] and [f._cache_size() for f in jitted] == sizes
+
+
+def test_32_concurrent_streams_on_a_live_server(server, rand_engine):
+    """32 clients stream at once into 8 slots (24 wait in the queue): every stream finishes
+    with the right token count and the text of a solo run; then the scheduler is idle."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    sched = Scheduler(rand_engine, slots=8, max_queue=32, steps_per_call=2)
+    url = server(create_app(sched, "tiny"))
+    prompts = [[{"role": "user", "content": f"question {i}"}] for i in range(4)]
+    base = {"max_tokens": 10, "temperature": 0}
+    solo = [httpx.post(f"{url}/v1/chat/completions", json={**base, "messages": p}, timeout=60).json()
+            for p in prompts]
+
+    def stream(i):
+        body = {**base, "messages": prompts[i % 4], "stream": True, "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as r:
+            assert r.status_code == 200, r.read()
+            events = sse_events(list(r.iter_lines()))
+        text = "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
+        reasons = [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1:]
+        return text, reasons, events[-1]["usage"]
+
+    try:
+        with ThreadPoolExecutor(32) as pool:
+            results = list(pool.map(stream, range(32)))
+        for i, (text, reasons, usage) in enumerate(results):
+            want = solo[i % 4]
+            assert text == want["choices"][0]["message"]["content"]
+            assert reasons == [want["choices"][0]["finish_reason"]] and usage == want["usage"]
+            assert usage["completion_tokens"] == 10 or reasons == ["stop"]
+        t0 = time.time()
+        while (sched.busy_slots() or sched.queued()) and time.time() - t0 < 2:
+            time.sleep(0.02)
+        assert sched.busy_slots() == 0 and sched.queued() == 0 and (sched._finish == engine.FREE).all()
+        assert httpx.get(f"{url}/health").json() | {"slots": 8} == {
+            "status": "ok", "slots": 8, "busy_slots": 0, "queued": 0, "api_key_required": False}
+    finally:
+        sched.close()
+
+
 # ---- validation, auth, back-pressure ----------------------------------------------------------------
 
 @pytest.mark.parametrize("patch,param", [
@@ -220,6 +311,29 @@ def test_validation_errors(client, patch, param):
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
     assert err["param"] == param and err["message"]
+
+
+@pytest.mark.parametrize("content,ctype,code", [
+    (b'{"messages": [', "application/json", "invalid_json"),  # not parseable
+    (b"\xff\xfe{}", "application/json", "invalid_json"),
+    (b"[1, 2]", "application/json", "invalid_body"),  # JSON, but not an object
+    (b'"hello"', "application/json", "invalid_body"),
+    (b"", "application/json", "invalid_body"),
+    (json.dumps({"messages": MSGS}).encode(), "text/plain", "invalid_body"),  # right body, wrong content-type
+    (b"messages=hi", "application/x-www-form-urlencoded", "invalid_body"),
+])
+def test_malformed_bodies_are_4xx(client, content, ctype, code):
+    r = client.post("/v1/chat/completions", content=content, headers={"content-type": ctype})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
+    assert err["code"] == code and err["message"]
+
+
+def test_unknown_route_and_method_are_openai_shaped(client):
+    for r in (client.get("/v1/nope"), client.get("/v1/chat/completions")):
+        assert r.status_code in (404, 405) and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert client.get("/").headers["content-type"].startswith("text/html")  # the chat page
 
 
 def test_api_key(rand_sched):

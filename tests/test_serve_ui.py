@@ -1,0 +1,198 @@
+"""The chat page at GET /, driven by headless Chromium (Selenium) against a live uvicorn server.
+
+Needs Debian's `chromium` and `chromium-driver` packages (runs/test.sh installs them when it
+can) and the `selenium` package; without them every test here skips with the reason.
+"""
+
+import os
+import threading
+import time
+
+import jax.numpy as jnp
+import pytest
+from test_engine import random_params
+from test_serve import CFG, TOK, chain_engine, server  # noqa: F401  (server is a fixture)
+
+from nanochat_jax import engine
+from serve import scheduler as sched_mod
+from serve.app import create_app
+from serve.scheduler import Event, Scheduler
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+_missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.path.exists(p)]
+pytestmark = pytest.mark.skipif(bool(_missing), reason=f"needs Debian's chromium and chromium-driver "
+                                                      f"(missing {', '.join(_missing)})")
+# Flags this machine needs: no network, running as root, no GPU.
+CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-dev-shm-usage", "--window-size=1100,900"]
+
+
+@pytest.fixture
+def browser(tmp_path, monkeypatch):
+    webdriver = pytest.importorskip("selenium.webdriver", reason="needs the selenium package (dev extra)")
+    from selenium.webdriver.chrome.service import Service
+
+    monkeypatch.setenv("SE_OFFLINE", "true")  # never let Selenium Manager look for downloads
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in CHROME_FLAGS + [f"--user-data-dir={tmp_path / 'profile'}"]:
+        opts.add_argument(flag)
+    service = Service(executable_path=CHROMEDRIVER, log_output=str(tmp_path / "chromedriver.log"))
+    driver = webdriver.Chrome(service=service, options=opts)
+    try:
+        yield driver
+    finally:
+        try:
+            driver.quit()
+        finally:
+            if service.process and service.process.poll() is None:
+                service.process.kill()
+
+
+def wait(driver, cond, timeout=30):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.05).until(lambda d: cond(d))
+
+
+def by_css(driver, css):
+    from selenium.webdriver.common.by import By
+
+    return driver.find_elements(By.CSS_SELECTOR, css)
+
+
+def finished_reply(driver, n=1):
+    """The n-th assistant message once its stream has ended."""
+    return wait(driver, lambda d: (m := by_css(d, ".msg.assistant[data-done]")) and len(m) >= n and m[n - 1])
+
+
+class ScriptedScheduler(Scheduler):
+    """Streams a fixed reply to every request, a few characters at a time: what a model could emit."""
+
+    def __init__(self, text):
+        super().__init__(chain_engine("x"), slots=1)
+        self.text = text
+
+    def submit(self, req):
+        def run():
+            for i in range(0, len(self.text), 7):
+                req.on_event(Event(0, self.text[i:i + 7]))
+                time.sleep(0.005)
+            req.on_event(Event(0, "", "stop"))
+            req.on_event(None)
+        threading.Thread(target=run, daemon=True).start()
+        return req
+
+
+def test_greedy_reply_streams_into_the_page(server, browser):  # noqa: F811
+    import httpx
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    sched = Scheduler(engine.Engine(random_params(CFG, seed=3), CFG, TOK, dtype=jnp.float32), slots=2)
+    try:
+        url = server(create_app(sched, "tiny"))
+        want = httpx.post(f"{url}/v1/chat/completions", timeout=30, json={
+            "messages": [{"role": "user", "content": "hi\nthere"}], "temperature": 0}).json()
+        want = want["choices"][0]["message"]["content"]
+        browser.get(url + "/")
+        assert browser.title == "nanochat-jax"
+        temp = by_css(browser, "#temperature")[0]
+        temp.clear()
+        temp.send_keys("0")
+        box = by_css(browser, "#input")[0]
+        box.send_keys("hi")
+        ActionChains(browser).key_down(Keys.SHIFT).send_keys(Keys.ENTER).key_up(Keys.SHIFT).perform()
+        box.send_keys("there")
+        assert box.get_attribute("value") == "hi\nthere" and not by_css(browser, ".msg")  # Shift+Enter: newline
+        box.send_keys(Keys.ENTER)
+        reply = finished_reply(browser)
+        assert by_css(browser, ".msg.user")[0].text == "hi\nthere"
+        assert browser.execute_script("return history") == [
+            {"role": "user", "content": "hi\nthere"}, {"role": "assistant", "content": want}]
+        assert reply.text.strip() and not by_css(browser, ".msg.error")
+        assert by_css(browser, "#status")[0].text == ""  # /health answered
+
+        by_css(browser, "#new")[0].click()
+        assert not by_css(browser, ".msg") and browser.execute_script("return history") == []
+    finally:
+        sched.close()
+
+
+def test_model_html_is_shown_as_text(server, browser):  # noqa: F811
+    text = ('hello <script>window.__pwned=1</script> **bold** and `x<b>y</b>` <img src=x '
+            'onerror="window.__pwned=2">\n\n```html\n<b>code</b>\n```\nafter')
+    sched = ScriptedScheduler(text)
+    try:
+        browser.get(server(create_app(sched, "scripted")) + "/")
+        by_css(browser, "#input")[0].send_keys("show me html\n")
+        reply = finished_reply(browser)
+        time.sleep(0.2)  # an onerror handler would have fired by now
+        assert browser.execute_script("return typeof window.__pwned") == "undefined"
+        content = reply.get_attribute("textContent")
+        assert "<script>window.__pwned=1</script>" in content and '<img src=x onerror="window.__pwned=2">' in content
+        assert not by_css(browser, ".msg script, .msg img, .msg b")
+        assert [e.text for e in by_css(browser, ".msg.assistant strong")] == ["bold"]
+        assert [e.get_attribute("textContent") for e in by_css(browser, ".msg.assistant p code")] == ["x<b>y</b>"]
+        assert [e.get_attribute("textContent") for e in by_css(browser, ".msg.assistant pre code")] == ["<b>code</b>"]
+        assert browser.execute_script("return history[1].content") == text
+    finally:
+        sched.close()
+
+
+def test_stop_button_frees_the_slot(server, browser, monkeypatch):  # noqa: F811
+    real_step = engine.generate_step
+
+    def slow_step(*a, **kw):  # ~100 tokens at 50 ms: only Stop can end it within the test's waits
+        time.sleep(0.05)
+        return real_step(*a, **kw)
+
+    monkeypatch.setattr(sched_mod.E, "generate_step", slow_step)
+    sched = Scheduler(chain_engine("ab", loop=True), slots=2)
+    try:
+        sched.warmup()  # a compile mid-stream would stall it
+        browser.get(server(create_app(sched, "loop")) + "/")
+        by_css(browser, "#input")[0].send_keys("go on forever\n")
+        wait(browser, lambda d: len(by_css(d, ".msg.assistant")[0].text) >= 4)
+        assert sched.busy_slots() == 1
+        by_css(browser, "#stop")[0].click()
+        reply = finished_reply(browser, 1)
+        t0 = time.time()
+        while (sched.busy_slots() or sched.queued()) and time.time() - t0 < 2:
+            time.sleep(0.02)
+        assert sched.busy_slots() == 0 and sched.queued() == 0  # the server saw the disconnect
+        partial = browser.execute_script("return history[1].content")
+        assert partial.startswith("abab") and len(partial) < 100 and reply.text.startswith("abab")
+        assert by_css(browser, "#send")[0].is_enabled() and not by_css(browser, "#stop")[0].is_enabled()
+    finally:
+        sched.close()
+
+
+def test_api_key_and_engine_down(server, browser):  # noqa: F811
+    sched = ScriptedScheduler("the **answer**")
+    try:
+        url = server(create_app(sched, "keyed", api_key="sekret"))
+        browser.get(url + "/")
+        key = wait(browser, lambda d: (k := by_css(d, "#apikey")[0]).is_displayed() and k)  # /health: key needed
+        by_css(browser, "#input")[0].send_keys("hello\n")
+        wait(browser, lambda d: "API key" in "".join(e.text for e in by_css(d, ".msg.error")))
+        key.send_keys("sekret")
+        by_css(browser, "#input")[0].send_keys("hello\n")
+        reply = finished_reply(browser, 2)
+        assert reply.text == "the answer" and by_css(reply, "strong")[0].text == "answer"
+        assert browser.execute_script("return localStorage.getItem('nanochat-api-key')") == "sekret"
+
+        down = create_app(sched, "down")
+
+        @down.middleware("http")
+        async def _no_engine(request, call_next):
+            from fastapi.responses import JSONResponse
+            if request.url.path == "/health":
+                return JSONResponse({"status": "down"}, status_code=503)
+            return await call_next(request)
+
+        browser.get(server(down) + "/")
+        wait(browser, lambda d: by_css(d, "#status")[0].text == "Engine not running")
+    finally:
+        sched.close()
