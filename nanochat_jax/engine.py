@@ -442,6 +442,8 @@ class Engine:
     def __init__(self, params, config: GPTConfig, tokenizer, dtype=None, steps_per_call: int = 1):
         """steps_per_call > 1 decodes that many tokens per device call (generate_steps):
         fewer dispatches and host syncs, at the cost of up to that many wasted steps at the end."""
+        # host (numpy) params go to the device once here, not on every jitted call
+        params = jax.tree.map(lambda a: a if isinstance(a, jax.Array) else jnp.asarray(a), params)
         self.params, self.config, self.tokenizer = params, config, tokenizer
         self.dtype = resolve_dtype(dtype)
         self.steps_per_call = steps_per_call
