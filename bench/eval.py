@@ -82,7 +82,7 @@ def main(argv=None):
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--slots", type=int, default=16)
     ap.add_argument("--torch-problems", type=int, default=4, help="naive torch generation is slow: time this many")
-    ap.add_argument("--tokenizer-dir", default=None, help="default: a 4k tokenizer trained on the prompts")
+    ap.add_argument("--tokenizer-dir", default=None, help="default: a 1k tokenizer trained on the prompts")
     ap.add_argument("--rl-samples", type=int, default=16)
     args = ap.parse_args(argv)
     import torch

@@ -191,9 +191,15 @@ class Checkpointer:
                              f"process count as the run that saved it.")
 
 
+def checkpoint_dir(path) -> epath.Path:
+    """A run directory (base_train/sft/rl --out-dir) means its checkpoints/; anything else is itself."""
+    path = epath.Path(path)
+    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+
+
 def load_params(directory, step: int | None = None) -> tuple[dict, GPTConfig, dict]:
-    """(params, config, meta) of a checkpoint directory's latest (or given) complete step."""
-    with Checkpointer(directory, async_save=False) as ckpt:
+    """(params, config, meta) of the latest (or given) complete step of a checkpoint or run directory."""
+    with Checkpointer(checkpoint_dir(directory), async_save=False) as ckpt:
         state, meta = ckpt.restore_state_tree(step)
     return state["params"], GPTConfig.from_dict(meta["model_config"]), meta
 

@@ -225,16 +225,16 @@ async def _sse(sched, req, events, cid, created, model_name, include_usage, usag
         sched.cancel(req)
 
 
-def load_engine(checkpoint: str, nanochat: bool, tokenizer_dir: str, dtype=None) -> Engine:
-    """Params from a nanochat .pt directory, or from our Orbax checkpoint dir (latest step)."""
+def load_engine(checkpoint: str, nanochat: bool, tokenizer_dir: str, dtype=None, step: int | None = None) -> Engine:
+    """Params from a nanochat .pt directory, or from our Orbax checkpoint / run dir (latest or given step)."""
     from nanochat_jax.tokenizer import Tokenizer
 
     if nanochat:
         from nanochat_jax.convert import load_nanochat_checkpoint
-        params, config, _ = load_nanochat_checkpoint(checkpoint, dtype=dtype)
+        params, config, _ = load_nanochat_checkpoint(checkpoint, step=step, dtype=dtype)
     else:
         from nanochat_jax.checkpoint import load_params
-        params, config, _ = load_params(checkpoint)
+        params, config, _ = load_params(checkpoint, step)
     return Engine(params, config, Tokenizer.load(tokenizer_dir), dtype=dtype)
 
 

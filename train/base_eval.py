@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from nanochat_jax import sharding
 from nanochat_jax.common import resolve_dtype
@@ -68,9 +69,7 @@ def load_model(args, dtype):
             ckpt = Path(args.checkpoint)
             if not ckpt.is_dir():
                 _fail(f"checkpoint directory {ckpt} does not exist")
-            if (ckpt / "checkpoints").is_dir():  # a base_train run directory
-                ckpt = ckpt / "checkpoints"
-            params, config, meta = load_params(ckpt, step=args.step)
+            params, config, meta = load_params(ckpt, step=args.step)  # a run dir works too
             step = meta.get("step", args.step)
     except (FileNotFoundError, ValueError, KeyError) as e:
         _fail(f"cannot load the checkpoint: {e}")

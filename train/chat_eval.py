@@ -21,13 +21,7 @@ from pathlib import Path
 from nanochat_jax.common import resolve_dtype
 from nanochat_jax.data.dataset import home_dir
 from nanochat_jax.engine import Engine
-from nanochat_jax.evals.chat import (
-    BASELINES,
-    categorical_accuracy,
-    chatcore,
-    generative_accuracy,
-)
-from nanochat_jax.tokenizer import Tokenizer
+from nanochat_jax.evals.chat import BASELINES, categorical_accuracy, chatcore, generative_accuracy
 
 TASKS = tuple(BASELINES)
 RUN_ROOTS = {"base": "base_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
@@ -124,19 +118,13 @@ def evaluate(engine: Engine, tasks: dict, *, batch_size: int = 8, num_samples: i
 
 
 def load_engine_for(args) -> Engine:
-    from nanochat_jax.checkpoint import load_params, newest_run
+    from nanochat_jax.checkpoint import newest_run
+    from serve.app import load_engine
 
-    dtype = resolve_dtype(args.dtype)
-    tok = Tokenizer.load(Path(args.tokenizer_dir) if args.tokenizer_dir else home_dir() / "tokenizer")
-    if args.nanochat:
-        from nanochat_jax.convert import load_nanochat_checkpoint
-        params, config, _ = load_nanochat_checkpoint(args.nanochat, dtype=dtype)
-    else:
-        path = Path(args.checkpoint) if args.checkpoint else Path(newest_run(home_dir() / RUN_ROOTS[args.source]))
-        path = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        params, config, _ = load_params(path, args.step)
-        print(f"model: {path}")
-    return Engine(params, config, tok, dtype=dtype)
+    tok_dir = Path(args.tokenizer_dir) if args.tokenizer_dir else home_dir() / "tokenizer"
+    path = args.nanochat or args.checkpoint or newest_run(home_dir() / RUN_ROOTS[args.source])
+    print(f"model: {path}")
+    return load_engine(str(path), bool(args.nanochat), str(tok_dir), resolve_dtype(args.dtype), args.step)
 
 
 def main(argv=None):

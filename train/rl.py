@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from nanochat_jax import optim, sharding
-from nanochat_jax.checkpoint import Checkpointer, load_params, newest_run
+from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, load_params, newest_run
 from nanochat_jax.common import resolve_dtype
 from nanochat_jax.config import GPTConfig
 from nanochat_jax.data.dataset import home_dir
@@ -206,7 +206,7 @@ def main(argv=None):
     tok = Tokenizer.load(Path(args.tokenizer_dir) if args.tokenizer_dir else home_dir() / "tokenizer")
     try:
         sft_dir = Path(args.sft_dir) if args.sft_dir else Path(newest_run(home_dir() / "chatsft_checkpoints"))
-        ckpt_dir = sft_dir / "checkpoints" if (sft_dir / "checkpoints").is_dir() else sft_dir
+        ckpt_dir = checkpoint_dir(sft_dir)
         params, config, _ = load_params(ckpt_dir)
         task, _ = parse_entry(args.task, args.task_data_dir)
         val_task = None if args.val_task == "none" else parse_entry(args.val_task, args.task_data_dir)[0]

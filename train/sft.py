@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from nanochat_jax import flops, optim, sharding
-from nanochat_jax.checkpoint import Checkpointer, abstract_train_state, newest_run
+from nanochat_jax.checkpoint import Checkpointer, abstract_train_state, checkpoint_dir, newest_run
 from nanochat_jax.common import mfu, peak_flops, resolve_dtype
 from nanochat_jax.config import GPTConfig
 from nanochat_jax.data.dataset import home_dir
@@ -96,7 +96,7 @@ def load_base(args, mesh, tx_for, dtype):
         base_dir = Path(args.base_dir) if args.base_dir else Path(newest_run(home_dir() / "base_checkpoints"))
     except FileNotFoundError as e:
         raise SystemExit(f"error: {e}; train a base model (python -m train.base_train) or pass --base-dir") from None
-    ckpt_dir = base_dir / "checkpoints" if (base_dir / "checkpoints").is_dir() else base_dir
+    ckpt_dir = checkpoint_dir(base_dir)
     with Checkpointer(ckpt_dir, async_save=False) as ckpt:
         try:
             meta = ckpt.read_meta(args.base_step)

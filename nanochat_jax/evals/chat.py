@@ -15,16 +15,12 @@ from tqdm import tqdm
 from nanochat_jax import model
 from nanochat_jax.common import resolve_dtype
 from nanochat_jax.config import GPTConfig
+from nanochat_jax.evals.core import bucket_length
 from nanochat_jax.tasks.common import Task
 
 # ChatCORE's chance levels: four-way multiple choice, and 0 for open answers.
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0}
 CATEGORICAL = ("ARC-Easy", "ARC-Challenge", "MMLU")
-
-
-def _bucket(n: int) -> int:
-    """Pad lengths to a multiple of 64 (powers of two below), so a whole eval compiles a few shapes."""
-    return 1 << max(3, (n - 1).bit_length()) if n <= 64 else -(-n // 64) * 64
 
 
 @functools.lru_cache(maxsize=None)
@@ -57,7 +53,7 @@ def categorical_accuracy(params, config: GPTConfig, tokenizer, task: Task, *, ba
         convs = [task[i] for i in range(lo, min(lo + batch_size, n))]
         # a prompt longer than the context keeps its end (the question's tail and the answer slot)
         prompts = [tokenizer.render_for_completion(c)[-config.sequence_len:] for c in convs]
-        T = min(_bucket(max(map(len, prompts))), config.sequence_len)
+        T = min(bucket_length(max(map(len, prompts))), config.sequence_len)  # CORE's few shapes
         rows = np.full((batch_size, T), tokenizer.bos_token_id, np.int32)  # a fixed batch size: one compile
         for r, p in enumerate(prompts):
             rows[r, :len(p)] = p
