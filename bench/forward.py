@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanochat_jax import flops, model
+from nanochat_jax.common import tune_malloc
 from nanochat_jax.config import config_for_depth
 from nanochat_jax.convert import params_from_state_dict
 
@@ -78,6 +79,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
     args = ap.parse_args(argv)
+    tune_malloc()  # as the training entry points do (common.tune_malloc)
 
     import torch
 

@@ -19,6 +19,7 @@ import optax
 
 from bench.forward import timed
 from nanochat_jax import optim
+from nanochat_jax.common import tune_malloc
 from nanochat_jax.config import config_for_depth
 from nanochat_jax.convert import params_from_state_dict
 
@@ -29,6 +30,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--iters", type=int, default=3)
     args = ap.parse_args(argv)
+    tune_malloc()  # as the training entry points do (common.tune_malloc)
 
     import torch
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from bench.forward import timed
 from nanochat_jax import flops, optim, sharding
-from nanochat_jax.common import mfu, peak_flops
+from nanochat_jax.common import mfu, peak_flops, tune_malloc
 from nanochat_jax.config import config_for_depth
 from nanochat_jax.convert import params_from_state_dict
 from nanochat_jax.train_step import init_train_state, make_train_step
@@ -36,7 +36,11 @@ def main(argv=None):
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--no-malloc-tuning", action="store_true",
+                    help="leave glibc's allocator as it is (by default both loops run with common.tune_malloc, "
+                         "as base_train does)")
     args = ap.parse_args(argv)
+    tuned = False if args.no_malloc_tuning else tune_malloc()
 
     import torch
 
@@ -52,7 +56,7 @@ def main(argv=None):
         n_tok = args.batch_size * args.seq_len
         fpt = flops.estimate_flops(config)
         base = dict(depth=depth, seq_len=args.seq_len, batch_size=args.batch_size, dtype=args.dtype,
-                    device=str(jax.devices()[0].device_kind), flops_per_token=fpt)
+                    device=str(jax.devices()[0].device_kind), flops_per_token=fpt, malloc_tuned=tuned)
 
         mesh = sharding.make_mesh(args.mesh)
         tx = optim.make_optimizer(config, 1000, weight_decay=0.1, dtype=args.dtype)

@@ -164,7 +164,8 @@ class GPT(nn.Module):
         return self.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
     @nn.compact
-    def __call__(self, tokens_BT):
+    def __call__(self, tokens_BT, head: bool = True):
+        """head=False returns the final normed hidden states (B, T, C) instead of logits."""
         cfg, cd = self.config, self.dtype
         B, T = tokens_BT.shape
         C, L, Vp = cfg.n_embd, cfg.n_layer, cfg.padded_vocab_size
@@ -195,6 +196,8 @@ class GPT(nn.Module):
                 x_backout = x
         x = x - backout_lambda.astype(cd) * x_backout
         x = rms_norm(x)
+        if not head:
+            return x
         logits = Linear(Vp, ("embed", "vocab"), _normal(0.001), name="lm_head")(x)
         logits = logits[..., :cfg.vocab_size].astype(jnp.float32)
         return SOFTCAP * jnp.tanh(logits / SOFTCAP)
@@ -250,8 +253,57 @@ def cross_entropy(logits_BTV, targets_BT, reduction: str = "mean"):
     return nll.sum() / jnp.maximum(valid.sum(), 1)
 
 
+def _softcap_nll_parts(x_NC, w_CV, targets_N):
+    z_NV = (x_NC @ w_CV).astype(jnp.float32)
+    # |softcap| <= 15, so exp cannot overflow: no max pass is needed for the logsumexp.
+    logz_N = jnp.log(jnp.sum(jnp.exp(SOFTCAP * jnp.tanh(z_NV / SOFTCAP)), axis=-1))
+    z_N = jnp.take_along_axis(z_NV, targets_N[:, None], axis=-1)[:, 0]
+    return logz_N - SOFTCAP * jnp.tanh(z_N / SOFTCAP), z_NV, logz_N
+
+
+@jax.custom_vjp
+def softcap_nll(x_NC, w_CV, targets_N):
+    """Per-row CE of softcap(x @ w) against targets (all valid ids): the head and the loss fused.
+
+    Equal to cross_entropy(forward(...)) but with one vocab-sized pass forward (logsumexp)
+    and one backward (dz), where autodiff of the plain expression writes five (N, V)
+    temporaries; on CPU the head dominates the step.
+    """
+    return _softcap_nll_parts(x_NC, w_CV, targets_N)[0]
+
+
+def _softcap_nll_fwd(x_NC, w_CV, targets_N):
+    nll_N, z_NV, logz_N = _softcap_nll_parts(x_NC, w_CV, targets_N)
+    return nll_N, (x_NC, w_CV, targets_N, z_NV, logz_N)
+
+
+def _softcap_nll_bwd(res, g_N):
+    x_NC, w_CV, targets_N, z_NV, logz_N = res
+    t_NV = jnp.tanh(z_NV / SOFTCAP)
+    onehot_NV = jnp.arange(z_NV.shape[-1])[None, :] == targets_N[:, None]
+    dz_NV = (g_N[:, None] * (jnp.exp(SOFTCAP * t_NV - logz_N[:, None]) - onehot_NV) * (1 - t_NV * t_NV))
+    dz_NV = dz_NV.astype(x_NC.dtype)
+    return dz_NV @ w_CV.T, x_NC.T @ dz_NV, None
+
+
+softcap_nll.defvjp(_softcap_nll_fwd, _softcap_nll_bwd)
+
+
 def loss_fn(params, tokens_BT, targets_BT, config: GPTConfig, *, reduction="mean", dtype=None, backend=None):
-    return cross_entropy(forward(params, tokens_BT, config, dtype=dtype, backend=backend), targets_BT, reduction)
+    """cross_entropy(forward(...)) with the head fused into the loss (softcap_nll)."""
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    x_BTC = _module(config, dtype, backend).apply({"params": params}, tokens_BT, head=False)
+    w_CV = params["lm_head"]["kernel"][:, :config.vocab_size].astype(x_BTC.dtype)
+    valid = targets_BT != IGNORE_INDEX
+    safe = jnp.where(valid, targets_BT, 0).reshape(-1)
+    nll = softcap_nll(x_BTC.reshape(-1, x_BTC.shape[-1]), w_CV, safe)
+    nll = jnp.where(valid.reshape(-1), nll, 0.0)
+    if reduction == "none":
+        return nll
+    if reduction == "sum":
+        return nll.sum()
+    return nll.sum() / jnp.maximum(valid.sum(), 1)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "backend", "top_k", "greedy"))

@@ -69,16 +69,20 @@ def test_forward_loss_and_grads_match_torch(config, B, T, seed):
     (loss_j, logits_j), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(params, tokens, targets)
     assert logits_j.shape == (B, T, config.vocab_size) and logits_j.dtype == jnp.float32
     assert rel_err(logits_j, logits_t.detach().numpy()) <= 1e-5
-    assert abs(float(loss_j) - loss_t.item()) <= 1e-6
-    grads_j = state_dict_from_params(grads, config)
-    assert set(grads_j) == set(grads_t)
+    # The training path: loss_fn fuses the head into the loss (model.softcap_nll, own VJP).
+    loss_f, grads_f = jax.jit(jax.value_and_grad(
+        lambda p, x, y: model.loss_fn(p, x, y, config, dtype=jnp.float32)))(params, tokens, targets)
     # Relative 1e-4 per parameter, above a noise floor of 1e-6 of the global gradient norm:
     # at depth 1 the backout tap is the last block, and the final RMSNorm is scale
     # invariant, so d loss/d backout_lambda is exactly 0 and both sides hold only rounding.
     floor = 1e-6 * np.sqrt(sum(np.sum(np.square(g, dtype=np.float64)) for g in grads_t.values()))
-    for k in grads_t:
-        err = np.linalg.norm(np.asarray(grads_j[k], np.float64) - grads_t[k])
-        assert err <= 1e-4 * np.linalg.norm(grads_t[k]) + floor, (k, rel_err(grads_j[k], grads_t[k]))
+    for loss, g in ((loss_j, grads), (loss_f, grads_f)):
+        assert abs(float(loss) - loss_t.item()) <= 1e-6
+        grads_j = state_dict_from_params(g, config)
+        assert set(grads_j) == set(grads_t)
+        for k in grads_t:
+            err = np.linalg.norm(np.asarray(grads_j[k], np.float64) - grads_t[k])
+            assert err <= 1e-4 * np.linalg.norm(grads_t[k]) + floor, (k, rel_err(grads_j[k], grads_t[k]))
 
 
 def test_loss_reductions_match_torch():
@@ -149,6 +153,33 @@ def test_storage_dtypes_and_param_count():
     assert sum(x.size for x in jax.tree.leaves(p)) == TorchGPT(config, dtype=torch.float32).num_params()
     logits = model.forward(p, jnp.ones((1, 8), jnp.int32), config, dtype=jnp.bfloat16)
     assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
+
+
+@pytest.mark.parametrize("dtype,loss_tol,grad_tol,floor_tol", [
+    (jnp.float32, 1e-6, 1e-5, 1e-6),
+    # bf16 logits carry ~4e-3 rounding, and XLA may keep the fused GEMM's output in fp32
+    (jnp.bfloat16, 1e-3, 3e-2, 5e-3),
+])
+def test_fused_loss_equals_forward_then_cross_entropy(dtype, loss_tol, grad_tol, floor_tol):
+    """loss_fn's fused head (softcap_nll, own VJP) is the same function as forward +
+    cross_entropy where the softcap bends, and the padded vocabulary gets zero gradient."""
+    config = GPTConfig(sequence_len=64, vocab_size=300, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
+    assert config.padded_vocab_size > config.vocab_size
+    params = params_from_state_dict(torch_model(config, 3).state_dict(), config)
+    params["lm_head"]["kernel"] = params["lm_head"]["kernel"] * 20  # logits ~10: the softcap bends
+    rng = np.random.default_rng(0)
+    tok, tgt = rng.integers(0, 300, (2, 32)), rng.integers(0, 300, (2, 32))
+    tgt[1, :7] = -1
+    plain = lambda p: model.cross_entropy(model.forward(p, tok, config, dtype=dtype), tgt)  # noqa: E731
+    fused = lambda p: model.loss_fn(p, tok, tgt, config, dtype=dtype)  # noqa: E731
+    (l1, g1), (l2, g2) = (jax.jit(jax.value_and_grad(f))(params) for f in (plain, fused))
+    assert float(l2) == pytest.approx(float(l1), rel=loss_tol)
+    floor = floor_tol * np.sqrt(sum(np.sum(np.square(g, dtype=np.float64)) for g in jax.tree.leaves(g1)))
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g2), jax.tree.leaves(g1)):
+        err = np.linalg.norm(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+        assert err <= grad_tol * np.linalg.norm(np.asarray(b, np.float64)) + floor, jax.tree_util.keystr(path)
+    assert not np.any(np.asarray(g2["lm_head"]["kernel"][:, config.vocab_size:]))
+    assert float(jnp.abs(g2["lm_head"]["kernel"][:, :config.vocab_size]).max()) > 0
 
 
 def test_bf16_forward_tracks_fp32():

@@ -153,8 +153,10 @@ def test_gradient_accumulation_equals_one_big_batch():
     s2, m2 = step(init_train_state(CFG, tx, mesh, None, jnp.float32, params=params),
                   tok[:, :-1].reshape(2, 4, 64), tok[:, 1:].reshape(2, 4, 64))
     assert float(m1["loss"]) == pytest.approx(float(m2["loss"]), rel=1e-6)
+    # The optimizer-step bar (1e-4): AdamW's first step is ~lr·sign(g), so gradient
+    # elements near eps turn 4e-7 gradient noise into ~1e-5 on a value-embedding table.
     for a, b in zip(jax.tree.leaves(s2.params), jax.tree.leaves(s1.params)):
-        assert rel_err(a, b) <= 1e-5
+        assert rel_err(a, b) <= 1e-4
 
 
 def test_splash_in_shard_map_equals_auto_sharded_xla():

@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from nanochat_jax import sharding
-from nanochat_jax.common import resolve_dtype
+from nanochat_jax.common import resolve_dtype, tune_malloc
 from nanochat_jax.data.dataset import home_dir
 from nanochat_jax.evals import core as core_eval
 
@@ -78,6 +78,7 @@ def load_model(args, dtype):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    tune_malloc()  # before the backend starts: reuse freed host memory (common.tune_malloc)
     evals = [e.strip() for e in args.eval.split(",") if e.strip()]
     unknown = sorted(set(evals) - set(EVALS))
     if unknown:

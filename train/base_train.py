@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from nanochat_jax import flops, model, optim, scaling, sharding
 from nanochat_jax.checkpoint import Checkpointer, abstract_train_state
-from nanochat_jax.common import mfu, peak_flops, resolve_dtype
+from nanochat_jax.common import mfu, peak_flops, resolve_dtype, tune_malloc
 from nanochat_jax.config import config_for_depth
 from nanochat_jax.convert import export_nanochat_checkpoint
 from nanochat_jax.data.dataset import home_dir
@@ -133,6 +133,7 @@ def sample(params, config, tok, dtype, backend, max_tokens=16) -> list[str]:
 
 def main(argv=None):
     args = parse_args(argv)
+    tune_malloc()  # before the backend starts: reuse freed host memory (common.tune_malloc)
     sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     main_proc = sharding.is_main_process()
     jax.config.update("jax_compilation_cache_dir", str(home_dir() / "jax_cache"))  # persistent compile cache

@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-from nanochat_jax.common import resolve_dtype
+from nanochat_jax.common import resolve_dtype, tune_malloc
 from nanochat_jax.data.dataset import home_dir
 from nanochat_jax.engine import Engine
 from nanochat_jax.evals.chat import BASELINES, categorical_accuracy, chatcore, generative_accuracy
@@ -148,6 +148,7 @@ def main(argv=None):
     a("--dtype", default=None)
     a("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
+    tune_malloc()  # before the backend starts: reuse freed host memory (common.tune_malloc)
     names = [t.strip() for t in args.tasks.split("|") if t.strip()]
     try:
         tasks = {n: make_task(n, Path(args.task_data_dir) if args.task_data_dir else None, args.task_source)

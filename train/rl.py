@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from nanochat_jax import optim, sharding
 from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, load_params, newest_run
-from nanochat_jax.common import resolve_dtype
+from nanochat_jax.common import resolve_dtype, tune_malloc
 from nanochat_jax.config import GPTConfig
 from nanochat_jax.data.dataset import home_dir
 from nanochat_jax.engine import Engine
@@ -200,6 +200,7 @@ def main(argv=None):
     a("--tokenizer-dir", default=None)
     a("--out-dir", default=None, help="default $NANOCHAT_JAX_HOME/chatrl_checkpoints/<tag>")
     args = ap.parse_args(argv)
+    tune_malloc()  # before the backend starts: reuse freed host memory (common.tune_malloc)
     sharding.initialize_distributed()  # multi-host: NANOCHAT_COORDINATOR etc., as runs/gpu_multinode.sh sets
     from nanochat_jax.tasks.spec import parse_entry
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from nanochat_jax import flops, optim, sharding
 from nanochat_jax.checkpoint import Checkpointer, abstract_train_state, checkpoint_dir, newest_run
-from nanochat_jax.common import mfu, peak_flops, resolve_dtype
+from nanochat_jax.common import mfu, peak_flops, resolve_dtype, tune_malloc
 from nanochat_jax.config import GPTConfig
 from nanochat_jax.data.dataset import home_dir
 from nanochat_jax.data.sft import SFTPackIterDataset, sft_lr_multiplier
@@ -140,6 +140,7 @@ def _restart_muon_count(opt_state):
 
 def main(argv=None):
     args = parse_args(argv)
+    tune_malloc()  # before the backend starts: reuse freed host memory (common.tune_malloc)
     sharding.initialize_distributed()  # multi-host: flags via NANOCHAT_COORDINATOR etc. (runs/gpu_multinode.sh)
     jax.config.update("jax_compilation_cache_dir", str(home_dir() / "jax_cache"))
     main_proc = sharding.is_main_process()
