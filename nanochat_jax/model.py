@@ -254,10 +254,11 @@ def cross_entropy(logits_BTV, targets_BT, reduction: str = "mean"):
 
 
 def _softcap_nll_parts(x_NC, w_CV, targets_N):
-    z_NV = (x_NC @ w_CV).astype(jnp.float32)
+    z_NV = x_NC @ w_CV  # in the compute dtype, as model.Linear; kept in it for the backward (half the bytes in bf16)
+    zf_NV = z_NV.astype(jnp.float32)
     # |softcap| <= 15, so exp cannot overflow: no max pass is needed for the logsumexp.
-    logz_N = jnp.log(jnp.sum(jnp.exp(SOFTCAP * jnp.tanh(z_NV / SOFTCAP)), axis=-1))
-    z_N = jnp.take_along_axis(z_NV, targets_N[:, None], axis=-1)[:, 0]
+    logz_N = jnp.log(jnp.sum(jnp.exp(SOFTCAP * jnp.tanh(zf_NV / SOFTCAP)), axis=-1))
+    z_N = jnp.take_along_axis(zf_NV, targets_N[:, None], axis=-1)[:, 0]
     return logz_N - SOFTCAP * jnp.tanh(z_N / SOFTCAP), z_NV, logz_N
 
 
@@ -279,7 +280,7 @@ def _softcap_nll_fwd(x_NC, w_CV, targets_N):
 
 def _softcap_nll_bwd(res, g_N):
     x_NC, w_CV, targets_N, z_NV, logz_N = res
-    t_NV = jnp.tanh(z_NV / SOFTCAP)
+    t_NV = jnp.tanh(z_NV.astype(jnp.float32) / SOFTCAP)
     onehot_NV = jnp.arange(z_NV.shape[-1])[None, :] == targets_N[:, None]
     dz_NV = (g_N[:, None] * (jnp.exp(SOFTCAP * t_NV - logz_N[:, None]) - onehot_NV) * (1 - t_NV * t_NV))
     dz_NV = dz_NV.astype(x_NC.dtype)
