@@ -238,14 +238,23 @@ def cross_entropy(logits_BTV, targets_BT, reduction: str = "mean"):
     NaN: a fully masked SFT micro-batch must not poison training); 'none' returns a flat
     (B·T,) vector with 0 at ignored positions, like torch.
     """
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    _check_reduction(reduction)
     logits = logits_BTV.astype(jnp.float32)
     valid = targets_BT != IGNORE_INDEX
     safe = jnp.where(valid, targets_BT, 0)
     logz = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
-    nll = jnp.where(valid, logz - picked, 0.0).reshape(-1)
+    return _reduce(logz - picked, valid, reduction)
+
+
+def _check_reduction(reduction: str):
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def _reduce(nll, valid, reduction: str):
+    """Zero the ignored positions, then flat (B·T,) / sum / mean over the valid ones."""
+    nll = jnp.where(valid, nll, 0.0).reshape(-1)
     if reduction == "none":
         return nll
     if reduction == "sum":
@@ -292,19 +301,12 @@ softcap_nll.defvjp(_softcap_nll_fwd, _softcap_nll_bwd)
 
 def loss_fn(params, tokens_BT, targets_BT, config: GPTConfig, *, reduction="mean", dtype=None, backend=None):
     """cross_entropy(forward(...)) with the head fused into the loss (softcap_nll)."""
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    _check_reduction(reduction)
     x_BTC = _module(config, dtype, backend).apply({"params": params}, tokens_BT, head=False)
     w_CV = params["lm_head"]["kernel"][:, :config.vocab_size].astype(x_BTC.dtype)
-    valid = targets_BT != IGNORE_INDEX
-    safe = jnp.where(valid, targets_BT, 0).reshape(-1)
-    nll = softcap_nll(x_BTC.reshape(-1, x_BTC.shape[-1]), w_CV, safe)
-    nll = jnp.where(valid.reshape(-1), nll, 0.0)
-    if reduction == "none":
-        return nll
-    if reduction == "sum":
-        return nll.sum()
-    return nll.sum() / jnp.maximum(valid.sum(), 1)
+    valid = (targets_BT != IGNORE_INDEX).reshape(-1)
+    nll = softcap_nll(x_BTC.reshape(-1, x_BTC.shape[-1]), w_CV, jnp.where(valid, targets_BT.reshape(-1), 0))
+    return _reduce(nll, valid, reduction)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "backend", "top_k", "greedy"))

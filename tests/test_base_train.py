@@ -16,6 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from helpers import communicate_all
+
 from nanochat_jax.report import read_metrics
 from nanochat_jax.tokenizer import Tokenizer
 from train import base_train
@@ -132,12 +134,7 @@ def test_two_processes_save_one_checkpoint_and_resume(data, tmp_path):
         env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
         procs = [_run_cli(argv(data, out, *common, *extra, "--coordinator", f"127.0.0.1:{port}",
                                "--num-processes", "2", "--process-id", str(i)), env=env) for i in range(2)]
-        try:
-            logs = [p.communicate(timeout=240)[0] for p in procs]
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
+        logs = [out for out, _ in communicate_all(procs, timeout=240)]
         for p, log in zip(procs, logs):
             assert p.returncode == 0, log[-3000:]
         return logs

