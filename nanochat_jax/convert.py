@@ -12,6 +12,7 @@ needs torch (the `torch` extra); the name mapping itself does not.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -108,6 +109,11 @@ def state_dict_from_params(params, config: GPTConfig) -> dict[str, np.ndarray]:
 
 
 # ---- checkpoint directories ---------------------------------------------------------------
+
+def torch_available() -> bool:
+    """Whether the upstream .pt format can be written here (it needs torch)."""
+    return importlib.util.find_spec("torch") is not None
+
 
 def _torch():
     try:

@@ -4,6 +4,15 @@ import io
 import tarfile
 from pathlib import Path
 
+import pytest
+
+try:  # the torch reference backend is optional: Python 3.12+ legs and accelerator hosts may lack our pin
+    import torch
+except ImportError:
+    torch = None
+
+needs_torch = pytest.mark.skipif(torch is None, reason="needs torch, the reference backend (pip install -e '.[torch]')")
+
 
 def write_tarball(path: Path, files: dict[str, str]) -> Path:
     """A .tar.gz at `path` holding `files` (name → text), like the sdists the corpus reads."""

@@ -14,9 +14,8 @@ import portpicker
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
-from helpers import communicate_all
+from helpers import communicate_all, torch
 
 from nanochat_jax.report import read_metrics
 from nanochat_jax.tokenizer import Tokenizer
@@ -72,8 +71,11 @@ def test_tiny_run_learns_and_writes_everything(data, tmp_path):
     bpb = [r["val/bpb"] for r in recs if "val/bpb" in r]
     assert len(train) == 50 and train[-1] < 0.7 * train[0]
     assert len(bpb) == 3 and bpb[0] > bpb[1] > bpb[2]
-    for name in ("report.md", "loss.png", "val_bpb.png", "nanochat/model_000050.pt", "nanochat/meta_000050.json"):
+    exported = ("nanochat/model_000050.pt", "nanochat/meta_000050.json") if torch is not None else ()
+    for name in ("report.md", "loss.png", "val_bpb.png", *exported):
         assert (out / name).is_file(), name
+    if torch is None:  # without torch the upstream-format export is skipped, never a crash at the end
+        assert not (out / "nanochat").exists()
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((out / "tb").iterdir())
     assert (out / "checkpoints" / "50" / "commit_success.txt").is_file()
@@ -105,8 +107,9 @@ def test_resume_after_sigkill_is_bit_exact(data, tmp_path):
     assert "resumed from step 10" in log
     la, lb = losses(a), losses(b)
     assert [lb[s] for s in range(10, 20)] == [la[s] for s in range(10, 20)]  # bit for bit
-    pa_, pb_ = final_params(a, 20), final_params(b, 20)
-    assert all(torch.equal(pa_[k], pb_[k]) for k in pa_)
+    if torch is not None:
+        pa_, pb_ = final_params(a, 20), final_params(b, 20)
+        assert all(torch.equal(pa_[k], pb_[k]) for k in pa_)
 
 
 def test_resume_skips_an_incomplete_checkpoint_and_changes_mesh(data, tmp_path):

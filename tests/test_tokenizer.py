@@ -2,6 +2,7 @@
 the chat template's ids and masks, malformed conversations, and the tok_train/tok_eval CLIs.
 Everything is trained on a small corpus generated here; nothing touches the network."""
 
+import importlib.util
 import os
 import pickle
 import random
@@ -150,7 +151,8 @@ def test_train_errors(docs):
 
 def test_save_load_identical(tok, docs, tmp_path):
     out = tok.save(tmp_path / "tok")
-    assert sorted(p.name for p in out.iterdir()) == ["token_bytes.npy", "token_bytes.pt", "tokenizer.pkl"]
+    torch_copy = ["token_bytes.pt"] if importlib.util.find_spec("torch") else []  # upstream's copy needs torch
+    assert sorted(p.name for p in out.iterdir()) == ["token_bytes.npy", *torch_copy, "tokenizer.pkl"]
     back = Tokenizer.load(out)
     assert back.encoding.__getstate__() == tok.encoding.__getstate__()
     assert back.encode(docs[:20]) == tok.encode(docs[:20])

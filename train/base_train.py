@@ -28,7 +28,7 @@ from nanochat_jax import flops, model, optim, scaling, sharding
 from nanochat_jax.checkpoint import Checkpointer, abstract_train_state
 from nanochat_jax.common import mfu, peak_flops, resolve_dtype, tune_malloc
 from nanochat_jax.config import config_for_depth
-from nanochat_jax.convert import export_nanochat_checkpoint
+from nanochat_jax.convert import export_nanochat_checkpoint, torch_available
 from nanochat_jax.data.dataset import home_dir
 from nanochat_jax.data.pipeline import pretrain_loader, val_batches
 from nanochat_jax.evals import core as core_eval
@@ -274,8 +274,12 @@ def main(argv=None):
     bar.close()
     ckpt.wait()
     if main_proc:
-        export_nanochat_checkpoint(jax.device_get(state.params), config, out_dir / "nanochat", step=step,
-                                   meta={"val_bpb": val_bpb, "user_config": vars(args)})
+        if torch_available():
+            export_nanochat_checkpoint(jax.device_get(state.params), config, out_dir / "nanochat", step=step,
+                                       meta={"val_bpb": val_bpb, "user_config": vars(args)})
+        else:
+            say("nanochat .pt export skipped: it needs torch (pip install 'nanochat-jax[torch]'); "
+                "the Orbax checkpoints hold the model")
         write_report(out_dir, f"base_train {tag}", {
             "model": {"depth": args.depth, "n_embd": config.n_embd, "params": flops.num_scaling_params(config)["total"],
                       "flops_per_token": plan.flops_per_token},
@@ -285,7 +289,8 @@ def main(argv=None):
                     "final_core_metric": core_metric},
         }, out_dir / "metrics.jsonl")
         say(f"done: {step} steps, val bpb {val_bpb}, checkpoints in {out_dir / 'checkpoints'}, "
-            f"nanochat export in {out_dir / 'nanochat'}, report {out_dir / 'report.md'}")
+            + (f"nanochat export in {out_dir / 'nanochat'}, " if torch_available() else "")
+            + f"report {out_dir / 'report.md'}")
     logger.close()
     ckpt.close()
     if hasattr(train_iter, "close"):
