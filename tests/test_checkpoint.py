@@ -308,3 +308,157 @@ def test_unwritable_directory_fails_at_construction(tmp_path):
         ro.mkdir(mode=0o500)
         with pytest.raises(OSError, match="not writable"):
             C.Checkpointer(ro)
+
+
+# ---- integrity: checksums, fallback, retention, read-only readers, disk full ---------------------
+
+def _biggest_data_file(step_dir):
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and "/d/" in str(p)]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def _flip_byte(path, at=0.5):
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * at)] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def _two_steps(directory, n=50_000):
+    rng = np.random.default_rng(0)
+    states = {s: {"w": jax.numpy.asarray(rng.standard_normal(n).astype(np.float32)), "n": np.int32(s)} for s in (1, 2)}
+    with C.Checkpointer(directory) as ckpt:
+        for s, st in states.items():
+            ckpt.save(s, st, meta={"v": s})
+    return states, {"w": jax.ShapeDtypeStruct((n,), np.float32), "n": jax.ShapeDtypeStruct((), np.int32)}
+
+
+def test_flipped_byte_is_detected_and_restore_falls_back(tmp_path):
+    states, target = _two_steps(tmp_path)
+    _flip_byte(_biggest_data_file(tmp_path / "2"))
+    said = []
+    with C.Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(C.CheckpointCorruptError, match=r"step 2 .* is corrupt: 1 of 2 arrays fail their checksum \(w\)"):
+            ckpt.restore(2, target=target)  # an explicit step never falls back
+        state, meta = ckpt.restore(target=target, say=said.append)
+        assert meta["step"] == 1 and ckpt.bad_steps.keys() == {2}
+        np.testing.assert_array_equal(np.asarray(state["w"]), np.asarray(states[1]["w"]))
+        assert len(said) == 1 and "step 2" in said[0] and "falling back to step 1" in said[0] and "\n" not in said[0]
+        tree, meta = ckpt.restore_state_tree(say=said.append)  # the readers' path falls back the same way
+        assert meta["step"] == 1
+        moved = ckpt.set_aside(2)  # a resumed run moves the bad step away and can save step 2 again
+        assert moved.name.startswith("2.corrupt-") and ckpt.all_steps() == [1]
+        ckpt.save(2, states[2], meta={"v": 22})
+        ckpt.wait()
+        state, meta = ckpt.restore(target=target)
+        assert meta == {"v": 22, "step": 2}
+    params_dir = tmp_path  # load_params: same verdict through the reader entry point
+    _flip_byte(_biggest_data_file(params_dir / "1"))
+    _flip_byte(_biggest_data_file(params_dir / "2"))
+    with pytest.raises(C.CheckpointCorruptError, match=r"no intact checkpoint .* steps \[1, 2\]"):
+        with C.Checkpointer(params_dir, read_only=True) as ckpt:
+            ckpt.restore(target=target, say=said.append)
+
+
+def test_truncated_array_file_is_unreadable_not_a_traceback(tmp_path):
+    _, target = _two_steps(tmp_path)
+    f = _biggest_data_file(tmp_path / "2")
+    f.write_bytes(f.read_bytes()[:100])
+    with C.Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(C.CheckpointCorruptError, match=r"step 2 .* (unreadable|corrupt)") as e:
+            ckpt.restore(2, target=target)
+        assert "\n" not in str(e.value)
+        assert ckpt.restore(target=target, say=lambda m: None)[1]["step"] == 1
+
+
+def test_wrong_tree_is_a_mismatch_not_corruption(tmp_path):
+    _, target = _two_steps(tmp_path)
+    with C.Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(C.CheckpointMismatchError, match=r"another state tree \(missing: x; shape: w \(50000,\) != \(3,\)"):
+            ckpt.restore(target={**target, "w": jax.ShapeDtypeStruct((3,), np.float32),
+                                 "x": jax.ShapeDtypeStruct((), np.float32)})
+
+
+def test_checksums_cover_every_array_and_cost_little(run):
+    _, _, _, state = run
+    sums = C.array_checksums(state)
+    assert len(sums) == len(jax.tree.leaves(state))
+    again = C.array_checksums(copy(state))
+    assert sums == again
+    one = jax.tree.map(lambda x: x, state)
+    w = one.params["wte"]
+    changed = w.at[3, 5].set(jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(w[3, 5], np.uint32) ^ 1,
+                                                          w.dtype))
+    one.params["wte"] = changed
+    diff = [k for k, v in C.array_checksums(one).items() if v != sums[k]]
+    assert diff == ["params/wte"]
+    # the same bytes give the same digest as numpy arrays and as sharded jax arrays
+    assert C.array_checksums({"a": np.asarray(w)}) == {"a": sums["params/wte"]}
+
+
+def test_retention_never_drops_the_last_checkpoint_and_no_save_is_skipped(tmp_path):
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="max_to_keep must be >= 1"):
+            C.Checkpointer(tmp_path, max_to_keep=bad)
+    with C.Checkpointer(tmp_path, max_to_keep=1) as ckpt:
+        ckpt.save(5, {"w": np.zeros(2)})
+        ckpt.wait()
+        with pytest.raises(C.CheckpointSaveError, match="not saving step 3: .* already has step 5"):
+            ckpt.save(3, {"w": np.ones(2)})  # Orbax alone would skip this without a word
+        ckpt.save(6, {"w": np.ones(2)})
+        ckpt.wait()
+        assert ckpt.all_steps() == [6]
+
+
+def test_readers_never_write(tmp_path):
+    typo = tmp_path / "no_such_run"
+    with pytest.raises(C.CheckpointNotFoundError, match="no checkpoint directory"):
+        C.load_params(typo)
+    assert not typo.exists()
+    _two_steps(tmp_path / "ck")
+    before = sorted(str(p) for p in (tmp_path / "ck").rglob("*"))
+    os.chmod(tmp_path / "ck", 0o555)
+    try:
+        with C.Checkpointer(tmp_path / "ck", read_only=True) as ckpt:
+            assert ckpt.all_steps() == [1, 2]
+            tree, meta = ckpt.restore_state_tree()
+            assert meta["step"] == 2
+            with pytest.raises(C.CheckpointSaveError, match="read-only"):
+                ckpt.save(3, {"w": np.zeros(2)})
+    finally:
+        os.chmod(tmp_path / "ck", 0o755)
+    assert sorted(str(p) for p in (tmp_path / "ck").rglob("*")) == before
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 2 MB tmpfs (needs root and mount); skipped where it cannot be mounted."""
+    d = tmp_path / "disk"
+    d.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(d)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield d
+    subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def test_disk_full_is_one_line_and_keeps_the_previous_step(tiny_disk, monkeypatch):
+    rng = np.random.default_rng(0)
+    big = lambda: {"w": jax.numpy.asarray(rng.standard_normal(200_000).astype(np.float32))}  # 800 KB  # noqa: E731
+    with C.Checkpointer(tiny_disk / "ck", max_to_keep=5) as ckpt:
+        ckpt.save(1, big())
+        ckpt.wait()
+        ckpt.save(2, big())
+        ckpt.wait()
+        with pytest.raises(C.CheckpointSaveError, match=r"disk full: checkpoint step 3 needs about 0.8 MB but "
+                                                         r".* free; the previous checkpoint \(step 2\) is intact"):
+            ckpt.save(3, big())  # refused up front: the free space is below the state's size
+        monkeypatch.setattr(C, "free_bytes", lambda path: 1 << 40)  # as if another writer filled it after the check
+        ckpt.save(3, big())
+        with pytest.raises(C.CheckpointSaveError) as e:
+            ckpt.wait()
+    msg = str(e.value)
+    assert msg.startswith(f"disk full: saving checkpoint {tiny_disk / 'ck' / '3'} failed with")
+    assert "previous checkpoint (step 2) is intact" in msg and "\n" not in msg
+    monkeypatch.undo()
+    with C.Checkpointer(tiny_disk / "ck", read_only=True) as ckpt:
+        assert ckpt.all_steps() == [1, 2]
+        assert ckpt.restore_state_tree()[1]["step"] == 2
