@@ -328,9 +328,12 @@ print(" ".join(report))
 
 
 @needs_sandbox
-def test_escape_secrets_of_the_parent_environment_are_not_readable(monkeypatch):
+def test_escape_secrets_of_the_parent_environment_are_not_readable(monkeypatch, request):
     secret = uuid.uuid4().hex
     monkeypatch.setenv("NANOCHAT_TEST_SECRET", secret)
+    # a host process with the secret in its environment block, where /proc/<pid>/environ would show it
+    holder = subprocess.Popen(["sleep", "30"], env={"PATH": "/usr/bin:/bin", "NANOCHAT_TEST_SECRET": secret})
+    request.addfinalizer(holder.kill)
     code = UNDO + """
 found = [os.environ.get("NANOCHAT_TEST_SECRET", "")]
 for pid in os.listdir("/proc"):
