@@ -410,6 +410,18 @@ def use_calculator(expr: str):
     return None
 
 
+def tool_output(expr_ids: list, sp: dict, tokenizer) -> list:
+    """The tokens forced after a calculator call: none when it gives no result or when anything
+    in the tool path raises, since this runs on the scheduler thread and must never end it."""
+    try:
+        result = use_calculator(tokenizer.decode(expr_ids))
+        if result is None:
+            return []
+        return [sp["<|output_start|>"], *tokenizer.encode(str(result)), sp["<|output_end|>"]]
+    except Exception:  # noqa: BLE001 - a tool error is "no result", never a dead server
+        return []
+
+
 class _ToolRow:
     """One row's calculator state machine and its queue of forced tokens."""
 
@@ -420,10 +432,8 @@ class _ToolRow:
         if token == sp["<|python_start|>"]:
             self.in_python, self.expr = True, []
         elif token == sp["<|python_end|>"] and self.in_python:
-            result = use_calculator(tokenizer.decode(self.expr))
-            if result is not None:
-                self.forced.extend([sp["<|output_start|>"], *tokenizer.encode(str(result)), sp["<|output_end|>"]])
             self.in_python = False
+            self.forced.extend(tool_output(self.expr, sp, tokenizer))
         elif self.in_python:
             self.expr.append(token)
 

@@ -309,6 +309,21 @@ def test_calculator_refuses_unsafe_call():
     assert c.tokens[-2:] == [SP["<|python_end|>"], B("x")] and all(c.masks)
 
 
+def test_calculator_tool_error_is_no_result(monkeypatch):
+    """Any exception in the tool path (the scheduler thread runs it) counts as "no result", as a
+    refused call does: nothing is forced and generation goes on."""
+    class BadTokenizer:
+        def decode(self, ids):
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "bad byte")
+
+    assert engine.tool_output([B("2")], SP, BadTokenizer()) == []
+    monkeypatch.setattr(engine, "use_calculator", lambda expr: 1 / 0)
+    assert engine.tool_output([B("2")], SP, TOK) == []
+    eng = engine.Engine(bigram_params(TINY, _tool_chain("2+3")), TINY, TOK, dtype=F32)
+    (c,) = eng.complete([SP["<|bos|>"]], max_tokens=20, temperature=0.0)
+    assert c.tokens[-2:] == [SP["<|python_end|>"], B("x")] and all(c.masks) and c.finish_reason == "stop"
+
+
 @pytest.mark.parametrize("expr,want", [
     ("2+3", 5), ("0.2*50", 10.0), ("1,000 * 2", 2000), ("(7 - 1) / 4", 1.5), ("-3+1", -2), ("7//2", 3),
     ("'strawberry'.count('r')", 3), ('"banana".count("an")', 2),
