@@ -548,6 +548,18 @@ def test_refuses_to_run_without_a_sandbox_unless_told(monkeypatch):
         execution.execute_code("print(3)", unsafe_exec=False)  # an explicit parameter wins
 
 
+def test_chat_eval_refuses_humaneval_before_loading_anything(monkeypatch, capsys):
+    from train import chat_eval
+    monkeypatch.setattr(execution, "sandbox_status", lambda: (None, "bwrap is not installed (test)"))
+    monkeypatch.setattr(execution, "_unsafe_default", False)
+    with pytest.raises(SystemExit, match="refusing to run model-written code.*--unsafe-exec"):
+        chat_eval.main(["-a", "HumanEval", "--checkpoint", "/nonexistent"])
+    # with the flag it goes on (and fails later: no checkpoint, maybe no data), having said so
+    with pytest.raises(SystemExit):
+        chat_eval.main(["-a", "HumanEval", "--checkpoint", "/nonexistent", "--unsafe-exec"])
+    assert "WARNING: code execution is NOT sandboxed" in capsys.readouterr().out
+
+
 def test_execution_mode_line():
     if SANDBOX is None:
         pytest.skip(f"no usable OS sandbox here: {SANDBOX_WHY}")

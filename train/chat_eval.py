@@ -147,9 +147,18 @@ def main(argv=None):
     a("--tokenizer-dir", default=None)
     a("--dtype", default=None)
     a("--out", default=None, help="write the results as JSON here")
+    a("--unsafe-exec", action="store_true",
+      help="run HumanEval's model-written code even where no OS sandbox (bubblewrap) works: Python-level guards only")
     args = ap.parse_args(argv)
     tune_malloc()  # before the backend starts: reuse freed host memory (common.tune_malloc)
     names = [t.strip() for t in args.tasks.split("|") if t.strip()]
+    from nanochat_jax.evals import execution
+    execution.set_unsafe_exec(args.unsafe_exec)
+    if "HumanEval" in names:  # refuse (or warn) before any generation, not at the first program
+        try:
+            print(execution.code_execution_mode())
+        except execution.SandboxUnavailable as e:
+            raise SystemExit(f"error: {e}") from None
     try:
         tasks = {n: make_task(n, Path(args.task_data_dir) if args.task_data_dir else None, args.task_source)
                  for n in names}

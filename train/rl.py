@@ -199,6 +199,8 @@ def main(argv=None):
     a("--dtype", default=None)
     a("--tokenizer-dir", default=None)
     a("--out-dir", default=None, help="default $NANOCHAT_JAX_HOME/chatrl_checkpoints/<tag>")
+    a("--unsafe-exec", action="store_true",
+      help="let rewards run model-written code even where no OS sandbox (bubblewrap) works: Python-level guards only")
     args = ap.parse_args(argv)
     tune_malloc()  # before the backend starts: reuse freed host memory (common.tune_malloc)
     sharding.initialize_distributed()  # multi-host: NANOCHAT_COORDINATOR etc., as runs/gpu_multinode.sh sets
@@ -213,6 +215,14 @@ def main(argv=None):
         val_task = None if args.val_task == "none" else parse_entry(args.val_task, args.task_data_dir)[0]
     except (ValueError, FileNotFoundError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
+    from nanochat_jax.evals import execution
+    from nanochat_jax.tasks.humaneval import HumanEval
+    execution.set_unsafe_exec(args.unsafe_exec)
+    if any(isinstance(t, HumanEval) for t in (task, val_task)):  # rewards that run code: refuse or warn now
+        try:
+            print(execution.code_execution_mode())
+        except execution.SandboxUnavailable as e:
+            raise SystemExit(f"error: {e}") from None
     cfg = RLConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RLConfig)})
     out_dir = Path(args.out_dir) if args.out_dir else home_dir() / "chatrl_checkpoints" / f"d{config.n_layer}"
     print(f"rl: {ckpt_dir} → {out_dir}; {len(task):,} examples, {cfg.examples_per_step} per step x "
