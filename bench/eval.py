@@ -75,6 +75,32 @@ def bench_torch(ref, prompts, max_new):
     return time.perf_counter() - t0
 
 
+def bench_sandbox(convs, texts) -> list[dict]:
+    """Scoring cost per HumanEval problem, for the model's completions and for the canonical
+    solutions (which run their tests to the end): in the OS sandbox, and with the Python-level
+    guards only (the pre-sandbox path, what --unsafe-exec runs), measured in the same run."""
+    from nanochat_jax.evals import execution
+    from nanochat_jax.tasks.humaneval import build_program
+
+    mode = execution.code_execution_mode(unsafe_exec=True)
+    guards_only = lambda code: execution._execute_unsafe(code, 5.0, 256 * execution.MiB, execution.MiB,  # noqa: E731
+                                                         16 * execution.MiB, True, True, True)
+    runners = {"python_guards_only": guards_only}
+    if execution.sandbox_status()[0] is not None:
+        runners["sandboxed"] = execution.execute_code
+    rows = []
+    for kind, programs in (("completions", [build_program(c, t[0]) for c, t in zip(convs, texts)]),
+                           ("canonical", [build_program(c, c["messages"][1]["content"]) for c in convs])):
+        for label, run in runners.items():
+            t0 = time.perf_counter()
+            passed = sum(run(p).success for p in programs)
+            sec = time.perf_counter() - t0
+            rows.append({"task": "HumanEval", "scoring": "sandbox", "programs": kind, "runner": label,
+                         "problems": len(programs), "passed": passed, "ms_per_problem": 1000 * sec / len(programs),
+                         "problems_per_s": len(programs) / sec, "mode": mode})
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--depth", type=int, default=4)
@@ -116,12 +142,8 @@ def main(argv=None):
         print(json.dumps(torch_row), flush=True)
         print(json.dumps({"task": name, "speedup_of_jax": jax_row["problems_per_s"] / torch_row["problems_per_s"]}))
         if name == "HumanEval" and "entry_point" in convs[0]:
-            from nanochat_jax.tasks.humaneval import HumanEval
-            task = HumanEval()
-            t0 = time.perf_counter()
-            for c, t in zip(convs, texts):
-                task.evaluate(c, t[0])
-            print(json.dumps({"task": name, "scoring": "sandbox", "problems_per_s": len(convs) / (time.perf_counter() - t0)}))
+            for row in bench_sandbox(convs, texts):
+                print(json.dumps(row), flush=True)
     from train.rl import RLConfig, rollout_batch
 
     class _Any:

@@ -398,7 +398,7 @@ def sandbox_status() -> tuple[Sandbox | None, str]:
             notes.append(f"cgroups unusable: {error}")
             sb = dataclasses.replace(sb, cgroups=())
     limits = ", ".join(f"{c} cgroup v{v}" for c, _, v in sb.cgroups) or "no writable cgroup: rlimits only"
-    who = "root → setpriv 65534 → user namespace" if sb.nested else "user namespace, uid 65534"
+    who = "root -> setpriv 65534 -> user namespace" if sb.nested else "user namespace, uid 65534"
     return sb, f"bubblewrap ({sb.bwrap}; {who}; {limits}{''.join('; ' + n for n in notes)})"
 
 
