@@ -134,3 +134,152 @@ def tune_malloc() -> bool:
     except (OSError, AttributeError):
         return False
     return all(mallopt(opt, val) == 1 for opt, val in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
+
+
+# ---- command-line entry points: one-line errors, clean stops ---------------------------------
+
+def one_line(e: BaseException) -> str:
+    """A user-facing one-line reason for `e`: disk full names the file and the free space."""
+    import errno
+    import shutil
+
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        where = e.filename or "?"
+        try:
+            free = f"{shutil.disk_usage(os.path.dirname(os.path.abspath(where)) or '.').free / 2**20:,.1f} MB free"
+        except OSError:
+            free = "free space unknown"
+        return f"disk full writing {where} ({free})"
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        return f"{e.strerror}: {e.filename}"
+    lines = str(e).strip().splitlines()
+    text = lines[0] if lines else ""
+    # our own error types carry a message written for the user; others are named
+    if type(e).__module__.startswith("nanochat_jax") or isinstance(e, (ValueError, FileNotFoundError)) and text:
+        return text
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def run_cli(main, argv=None) -> int:
+    """Runs a CLI main(argv): an unexpected exception becomes `error: <one line>` on stderr (exit 1) and
+    Ctrl-C outside a training loop `interrupted` (exit 130); --debug (or NANOCHAT_DEBUG=1) keeps the
+    traceback. SystemExit (the CLIs' own checked errors) passes through unchanged."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("NANOCHAT_DEBUG", "") not in ("", "0")
+    try:
+        out = main(argv)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        print(f"error: {one_line(e)} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+    return out if isinstance(out, int) else 0
+
+
+class StopSignals:
+    """SIGINT / SIGTERM during training: the first asks the loop to stop at the next step boundary
+    (which saves a final checkpoint and exits); a second one exits at once. Orbax commits a step
+    only when all of it is written, so exiting mid-save leaves the previous checkpoint in charge.
+
+        with StopSignals() as stop:
+            while ...:
+                if stop.requested(): ...save, then raise SystemExit(stop.exit_code)
+    """
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        import signal
+
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            os.write(2, f"{name} again: exiting now without a final checkpoint\n".encode())
+            os._exit(128 + signum)
+        self.signum = signum
+        os.write(2, f"{name}: stopping after this step with a final checkpoint ({name} again to exit at once)\n"
+                 .encode())
+
+    @property
+    def name(self) -> str:
+        import signal
+
+        return signal.Signals(self.signum).name if self.signum else ""
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signum or 0)
+
+    def requested(self) -> bool:
+        """Whether any process got a stop signal (every process must agree, or one would save alone)."""
+        flag = self.signum is not None
+        if jax.process_count() == 1:
+            return flag
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        codes = np.asarray(multihost_utils.process_allgather(np.int32(self.signum or 0)))
+        if not flag and codes.max() > 0:
+            self.signum = int(codes.max())
+        return bool(codes.max() > 0)
+
+
+def host_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def device_memory_bytes() -> tuple[int | None, str]:
+    """(memory available to training across all devices, a description): each accelerator's
+    allocator limit, or the host RAM for CPU devices (which all share it)."""
+    devices = jax.devices()
+    kind = f"{len(devices)} {devices[0].device_kind} device(s)"
+    if devices[0].platform == "cpu":
+        return host_memory_bytes(), f"{kind} sharing host memory"
+    limits = []
+    for d in devices:
+        stats = d.memory_stats() if hasattr(d, "memory_stats") else None
+        limits.append((stats or {}).get("bytes_limit"))
+    if any(v is None for v in limits):
+        return None, kind
+    return sum(limits), kind
+
+
+# fp32 weights + gradients + optimizer state (Adam's two moments or Muon's momentum, ~2 on average)
+TRAIN_BYTES_PER_PARAM = 16
+
+
+def check_model_fits(num_params: int, what: str) -> None:
+    """Raises ValueError when the weights, gradients and optimizer state alone exceed the devices'
+    memory (activations come on top), instead of a long hang or an out-of-memory crash later."""
+    need = num_params * TRAIN_BYTES_PER_PARAM
+    have, where = device_memory_bytes()
+    if have is not None and need > have:
+        raise ValueError(f"{what} has {num_params / 1e9:,.2f}B parameters: weights, gradients and optimizer state "
+                         f"need about {need / 2**30:,.1f} GiB, but the {where} have {have / 2**30:,.1f} GiB")

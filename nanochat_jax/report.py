@@ -8,6 +8,7 @@ metrics.jsonl into report.md with a loss and a val-bpb plot.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime
 import json
@@ -99,6 +100,23 @@ class LossEMA:
     @property
     def value(self) -> float:
         return self.smooth / (1 - self.beta ** self.n) if self.n else math.nan
+
+
+class StepTimer:
+    """ETA = mean of the last `window` step times x steps left. The caller leaves out steps that
+    compile (the first after a start or resume), which would inflate it."""
+
+    def __init__(self, window: int = 50):
+        self.durations = collections.deque(maxlen=window)
+
+    def add(self, seconds: float) -> None:
+        self.durations.append(float(seconds))
+
+    def eta(self, steps_left: int) -> float | None:
+        """Seconds to go, or None before any timed step."""
+        if not self.durations:
+            return None
+        return max(0, steps_left) * sum(self.durations) / len(self.durations)
 
 
 def format_step_line(step: int, num_steps: int, loss: float, lrm: float, dt: float, tokens_per_step: int,

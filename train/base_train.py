@@ -7,7 +7,10 @@
 Loop as upstream: every pass evaluates val bpb / samples / saves on its cadence, then takes
 one optimizer step of grad_accum micro-batches (one jit). Checkpoints (params, optimizer
 state, data-iterator state, loop state) are async Orbax saves; --resume continues from the
-latest complete one with the same data and loss trajectory, on any mesh.
+latest intact one (a corrupt latest step is reported and skipped; --resume-step picks one) with the
+same data and loss trajectory, on any mesh. Every argument, path and shard is checked before the run
+directory is created; a directory that already holds a run is refused unless --resume or --overwrite.
+SIGINT/SIGTERM stop at the next step with a final checkpoint. See docs/training.md.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import argparse
 import dataclasses
 import gc
 import json
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,16 +29,18 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from nanochat_jax import flops, model, optim, scaling, sharding
-from nanochat_jax.checkpoint import Checkpointer, abstract_train_state
-from nanochat_jax.common import mfu, peak_flops, resolve_dtype, tune_malloc
+from nanochat_jax import attention, flops, model, optim, scaling, sharding
+from nanochat_jax.checkpoint import (COMMIT_MARKER, Checkpointer, CheckpointError, RunDirError, abstract_train_state,
+                                     prepare_run_dir)
+from nanochat_jax.common import (DTYPES, StopSignals, check_model_fits, mfu, peak_flops, resolve_dtype, run_cli,
+                                 tune_malloc)
 from nanochat_jax.config import config_for_depth
 from nanochat_jax.convert import export_nanochat_checkpoint, torch_available
-from nanochat_jax.data.dataset import home_dir
+from nanochat_jax.data.dataset import check_parquet, home_dir
 from nanochat_jax.data.pipeline import pretrain_loader, val_batches
 from nanochat_jax.evals import core as core_eval
 from nanochat_jax.evals.bpb import evaluate_bpb
-from nanochat_jax.report import LossEMA, RunLogger, format_step_line, write_report
+from nanochat_jax.report import LossEMA, RunLogger, StepTimer, format_step_line, write_report
 from nanochat_jax.tokenizer import Tokenizer
 from nanochat_jax.train_step import init_train_state, make_train_step
 
@@ -41,6 +48,7 @@ SAMPLE_PROMPTS = ("The capital of France is", "The chemical symbol of gold is",
                   "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
                   "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is")
 TIMING_SKIP_STEPS = 10  # total_training_time excludes the first steps (compile, warm-up), as upstream
+STOP_SAVE_TIMEOUT_S = float(os.environ.get("NANOCHAT_STOP_SAVE_TIMEOUT", 300))  # final save on SIGINT/SIGTERM
 
 
 def parse_args(argv=None):
@@ -51,9 +59,9 @@ def parse_args(argv=None):
     a("--head-dim", type=int, default=128)
     a("--max-seq-len", type=int, default=2048)
     a("--window-pattern", default="SSSL")
-    a("--num-iterations", type=int, default=-1, help="explicit horizon (else --target-flops, else the ratio)")
-    a("--target-flops", type=float, default=-1)
-    a("--target-param-data-ratio", type=float, default=12)
+    a("--num-iterations", type=int, default=-1, help="explicit horizon (-1: from --target-flops, else the ratio)")
+    a("--target-flops", type=float, default=-1, help="-1: unused")
+    a("--target-param-data-ratio", type=float, default=12, help="tokens per parameter, when neither is given")
     a("--device-batch-size", type=int, default=32, help="rows per batch-sharded device per micro-step")
     a("--total-batch-size", type=int, default=-1, help="tokens per optimizer step (-1: from the depth)")
     a("--embedding-lr", type=float, default=0.3)
@@ -65,16 +73,20 @@ def parse_args(argv=None):
     a("--warmdown-ratio", type=float, default=0.65)
     a("--final-lr-frac", type=float, default=0.05)
     a("--optimizer", default="nanochat", choices=optim.OPTIMIZERS)
-    a("--resume", action="store_true", help="continue from the latest complete checkpoint in --out-dir")
-    a("--eval-every", type=int, default=250)
+    a("--resume", action="store_true", help="continue from the latest intact checkpoint in --out-dir")
+    a("--resume-step", type=int, default=None, help="continue from this step (implies --resume; newer steps "
+                                                     "are moved aside)")
+    a("--overwrite", action="store_true", help="move a run already in --out-dir aside to <out-dir>.replaced-<time>")
+    a("--debug", action="store_true", help="tracebacks instead of one-line errors")
+    a("--eval-every", type=int, default=250, help="val bpb cadence in steps (<= 0: off)")
     a("--eval-tokens", type=int, default=80 * 524288)
     a("--core-metric-every", type=int, default=2000, help="CORE every N steps and at the end (-1: off)")
     a("--core-metric-max-per-task", type=int, default=500, help="examples per CORE task (-1: all)")
     a("--bundle-dir", default=None, help="CORE eval bundle (default $NANOCHAT_JAX_HOME/eval_bundle; "
                                          "get it with python -m train.base_eval --download)")
-    a("--sample-every", type=int, default=2000)
-    a("--save-every", type=int, default=-1, help="checkpoint cadence in steps (-1: only at the end)")
-    a("--keep-checkpoints", type=int, default=2)
+    a("--sample-every", type=int, default=2000, help="<= 0: off")
+    a("--save-every", type=int, default=-1, help="checkpoint cadence in steps (<= 0: only at the end)")
+    a("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept (>= 1; the final one always is)")
     a("--model-tag", default=None, help="run name (default d<depth>)")
     a("--mesh", default="data=-1", help="e.g. data=-1,fsdp=2,model=2")
     a("--dtype", default=None, help="float32 | bfloat16 (default: by platform)")
@@ -86,7 +98,51 @@ def parse_args(argv=None):
     a("--coordinator", default=None)
     a("--num-processes", type=int, default=None)
     a("--process-id", type=int, default=None)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.resume_step is not None:
+        args.resume = True
+    return args
+
+
+def check_args(args) -> None:
+    """Every range that does not need the devices or files, before anything is created (ValueError)."""
+    def need(ok, msg):
+        if not ok:
+            raise ValueError(msg)
+    for name in ("depth", "aspect_ratio", "head_dim", "max_seq_len", "device_batch_size", "keep_checkpoints"):
+        need(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    need(args.num_iterations == -1 or args.num_iterations >= 1,
+         f"--num-iterations must be >= 1, or -1 for the automatic horizon; got {args.num_iterations}")
+    need(args.target_flops == -1 or args.target_flops > 0, f"--target-flops must be > 0 or -1, got {args.target_flops}")
+    need(args.num_iterations > 0 or args.target_flops > 0 or args.target_param_data_ratio > 0,
+         f"--target-param-data-ratio must be > 0 when it sets the horizon, got {args.target_param_data_ratio}")
+    need(args.total_batch_size == -1 or args.total_batch_size >= 1,
+         f"--total-batch-size must be >= 1, or -1 to derive it from the depth; got {args.total_batch_size}")
+    for name in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr", "weight_decay", "warmup_steps"):
+        need(getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in ("warmdown_ratio", "final_lr_frac"):
+        need(0 <= getattr(args, name) <= 1, f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    need(args.eval_every <= 0 or args.eval_tokens >= 1, f"--eval-tokens must be >= 1, got {args.eval_tokens}")
+    need(args.dtype is None or args.dtype in DTYPES, f"--dtype {args.dtype!r} is not one of {sorted(DTYPES)}")
+    need(args.resume_step is None or args.resume_step >= 0, f"--resume-step must be >= 0, got {args.resume_step}")
+    need(not (args.resume and args.overwrite), "--resume and --overwrite contradict each other: pick one")
+
+
+def check_data_dir(data_dir: Path) -> None:
+    """At least two readable parquet shards with a text column (the last is val), checked by their footers."""
+    if not data_dir.is_dir():
+        raise ValueError(f"data directory {data_dir} does not exist; pass --data-dir (or download shards with "
+                         "python -m nanochat_jax.data.dataset)")
+    shards = sorted(data_dir.glob("*.parquet"))
+    if len(shards) < 2:
+        raise ValueError(f"{data_dir} has {len(shards)} parquet shard(s); training needs at least 2 (the last one "
+                         "is the validation split)")
+    for shard in shards:
+        try:
+            check_parquet(shard)
+        except Exception as e:  # pyarrow raises several types for a broken footer
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"parquet shard {shard} is unreadable: {why}") from None
 
 
 @dataclasses.dataclass
@@ -106,6 +162,9 @@ def make_plan(args, config, mesh) -> Plan:
         config, args.target_param_data_ratio, args.aspect_ratio)
     N = scaling.num_iterations(config, B, num_iterations=args.num_iterations, target_flops=args.target_flops,
                                param_data_ratio=args.target_param_data_ratio)
+    if N < 1:
+        raise ValueError(f"the training horizon comes out at {N} steps (from --target-flops / "
+                         "--target-param-data-ratio); raise it or pass --num-iterations")
     rows = args.device_batch_size * mesh.shape["data"] * mesh.shape["fsdp"]
     tokens_per_micro = rows * config.sequence_len
     if B % tokens_per_micro:
@@ -133,27 +192,52 @@ def sample(params, config, tok, dtype, backend, max_tokens=16) -> list[str]:
 
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     tune_malloc()  # before the backend starts: reuse freed host memory (common.tune_malloc)
     sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     main_proc = sharding.is_main_process()
     jax.config.update("jax_compilation_cache_dir", str(home_dir() / "jax_cache"))  # persistent compile cache
-    say = print if main_proc else (lambda *a, **k: None)
 
     tag = args.model_tag or f"d{args.depth}"
     out_dir = Path(args.out_dir) if args.out_dir else home_dir() / "base_checkpoints" / tag
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
     tok_dir = Path(args.tokenizer_dir) if args.tokenizer_dir else home_dir() / "tokenizer"
-    tok = Tokenizer.load(tok_dir)
-    dtype = resolve_dtype(args.dtype)
-    config = config_for_depth(args.depth, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim,
-                              max_seq_len=args.max_seq_len, window_pattern=args.window_pattern,
-                              vocab_size=tok.vocab_size)
+    # Every input is checked before the run directory exists, so a mistake costs seconds and leaves nothing.
     try:
+        tok = Tokenizer.load(tok_dir)
+        check_data_dir(data_dir)
+        dtype = resolve_dtype(args.dtype)
+        if args.attention != "auto":
+            attention.resolve_backend(args.attention, dtype)
+        config = config_for_depth(args.depth, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim,
+                                  max_seq_len=args.max_seq_len, window_pattern=args.window_pattern,
+                                  vocab_size=tok.vocab_size)
+        check_model_fits(flops.num_scaling_params(config)["total"], f"--depth {args.depth}")
         mesh = sharding.make_mesh(args.mesh)
         plan = make_plan(args, config, mesh)
         sharding.validate(config, mesh, plan.rows_per_micro)
-    except ValueError as e:
+        moved = prepare_run_dir(out_dir, resume=args.resume, overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError, RunDirError) as e:
         raise SystemExit(f"error: {e}") from None
+    created = not out_dir.exists()
+    try:
+        with StopSignals() as stop:
+            return _train(args, tag, out_dir, data_dir, tok, dtype, config, mesh, plan, main_proc, moved, stop)
+    except BaseException:
+        if created and main_proc and not any(out_dir.glob(f"checkpoints/*/{COMMIT_MARKER}")):
+            shutil.rmtree(out_dir, ignore_errors=True)  # a run that failed before its first checkpoint leaves nothing
+        raise
+
+
+def _train(args, tag, out_dir, data_dir, tok, dtype, config, mesh, plan, main_proc, moved, stop):
+    bar = tqdm(total=plan.num_iterations, disable=not main_proc or not sys.stderr.isatty(), desc=f"base_train {tag}")
+    # messages go above the bar, never through it
+    say = (print if bar.disable else tqdm.write) if main_proc else (lambda *a, **k: None)
+    if moved:
+        say(f"moved the previous run in {out_dir} to {moved}")
     say(flops.summary(config))
     say(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].device_kind} device(s), "
         f"{jax.process_count()} process(es); compute {dtype.name}")
@@ -192,14 +276,8 @@ def main(argv=None):
     loop = {"min_val_bpb": float("inf"), "ema_smooth": 0.0, "ema_n": 0, "total_training_time": 0.0}
     step, val_bpb = 0, None
     if args.resume:
-        latest = ckpt.latest_step()
-        if latest is None:
-            raise SystemExit(f"error: --resume but there is no complete checkpoint in {out_dir / 'checkpoints'}")
-        try:
-            state, meta = ckpt.restore(latest, target=abstract_train_state(config, tx, mesh, dtype),
-                                       data_iterator=train_iter, config=config)
-        except ValueError as e:
-            raise SystemExit(f"error: cannot resume from {out_dir / 'checkpoints'}: {e}") from None
+        state, meta = resume(ckpt, args.resume_step, abstract_train_state(config, tx, mesh, dtype), train_iter,
+                             config, say)
         step, loop, val_bpb = meta["step"], meta["loop_state"], meta.get("val_bpb")
         say(f"resumed from step {step} ({out_dir / 'checkpoints'})")
     else:
@@ -211,11 +289,24 @@ def main(argv=None):
     peak = peak_flops()
     tokens_per_step = plan.total_batch_size
     backend = args.attention
-    bar = tqdm(total=plan.num_iterations, initial=step, disable=not main_proc or not sys.stderr.isatty(),
-               desc=f"base_train {tag}")
+    bar.update(step)
+    timer = StepTimer()
     first_step_s = None
+    # after a resume only the first step (compile) is left out of total_training_time
+    skip_steps = TIMING_SKIP_STEPS if resume_step == 0 else 1
+
+    def save(step):
+        meta = {"step": step, "val_bpb": val_bpb, "model_config": config.to_dict(), "user_config": vars(args),
+                "plan": dataclasses.asdict(plan), "device_batch_size": args.device_batch_size,
+                "max_seq_len": config.sequence_len, "total_batch_size": plan.total_batch_size,
+                "loop_state": {**loop, "ema_smooth": ema.smooth, "ema_n": ema.n}}
+        ckpt.save(step, state, data_iterator=train_iter, meta=meta)
+
     while True:
         last = step == plan.num_iterations
+        if not last and stop.requested():
+            bar.close()
+            stop_with_checkpoint(ckpt, step, save if step != resume_step else None, stop, out_dir, say)
         if eval_batches is not None and (last or step % args.eval_every == 0):
             val_bpb = evaluate_bpb(state.params, eval_batches, config, tok.token_bytes, dtype=dtype, backend=backend)
             loop["min_val_bpb"] = min(loop["min_val_bpb"], val_bpb)
@@ -232,12 +323,8 @@ def main(argv=None):
         if main_proc and args.sample_every > 0 and (last or (step > 0 and step % args.sample_every == 0)):
             for line in sample(jax.device_get(state.params), config, tok, dtype, backend):
                 say("  sample: " + line.replace("\n", " "))
-        if last or (args.save_every > 0 and step > 0 and step % args.save_every == 0 and step != resume_step):
-            meta = {"step": step, "val_bpb": val_bpb, "model_config": config.to_dict(), "user_config": vars(args),
-                    "plan": dataclasses.asdict(plan), "device_batch_size": args.device_batch_size,
-                    "max_seq_len": config.sequence_len, "total_batch_size": plan.total_batch_size,
-                    "loop_state": {**loop, "ema_smooth": ema.smooth, "ema_n": ema.n}}
-            ckpt.save(step, state, data_iterator=train_iter, meta=meta)
+        if (last or (args.save_every > 0 and step > 0 and step % args.save_every == 0)) and step != resume_step:
+            save(step)  # not at the step resumed from: that one is on disk already
         if last:
             break
 
@@ -251,19 +338,23 @@ def main(argv=None):
         if first_step_s is None:
             first_step_s = dt
             say(f"first step (compile + run) {dt:.1f}s")
-        if step - resume_step >= TIMING_SKIP_STEPS:
+        if step - resume_step >= skip_steps:
             loop["total_training_time"] += dt
+        if step > resume_step:
+            timer.add(dt)
         smooth = ema.update(loss)
         lrm = float(optim.lr_multiplier(step, plan.num_iterations, args.warmup_steps, args.warmdown_ratio,
                                         args.final_lr_frac))
         step_mfu = mfu(plan.flops_per_token, tokens_per_step, dt, jax.device_count(), peak)
+        eta = timer.eta(plan.num_iterations - step - 1)
         line = format_step_line(step=step, num_steps=plan.num_iterations, loss=smooth, lrm=lrm, dt=dt,
-                                tokens_per_step=tokens_per_step, mfu=step_mfu, total_time=loop["total_training_time"])
+                                tokens_per_step=tokens_per_step, mfu=step_mfu, total_time=loop["total_training_time"],
+                                eta=eta)
         if bar.disable:
             say(line)
         else:
             bar.update(1)
-            bar.set_postfix_str(f"loss {smooth:.4f}")
+            bar.set_postfix_str(f"loss {smooth:.4f} | {tokens_per_step / dt:,.0f} tok/s")
         logger.log(step, **{"train/loss": smooth, "train/loss_raw": loss, "train/lrm": lrm, "train/dt": dt,
                             "train/tok_per_s": tokens_per_step / dt,
                             **({"train/mfu": step_mfu} if step_mfu is not None else {})})
@@ -297,5 +388,37 @@ def main(argv=None):
         train_iter.close()
 
 
+def resume(ckpt, step, target, data_iterator, config, say):
+    """(state, meta) of `step` or, by default, the newest intact checkpoint. Corrupt steps passed over
+    and (with an explicit older step) newer ones are renamed aside, so this run can save those steps again."""
+    try:
+        state, meta = ckpt.restore(step, target=target, data_iterator=data_iterator, config=config, say=say)
+    except CheckpointError as e:
+        raise SystemExit(f"error: cannot resume: {e}") from None
+    for bad in sorted(ckpt.bad_steps):
+        say(f"moved corrupt step {bad} to {ckpt.set_aside(bad, 'corrupt')}")
+    for newer in [s for s in ckpt.all_steps() if s > meta["step"]]:
+        say(f"moved step {newer} (after the resumed step {meta['step']}) to {ckpt.set_aside(newer, 'superseded')}")
+    return state, meta
+
+
+def stop_with_checkpoint(ckpt, step, save, stop, out_dir, say, timeout_s=None):
+    """The end of a run stopped by a signal: save `step` (save is None when it is on disk already), wait a
+    bounded time for it, and exit with a one-line message and 128 + the signal number."""
+    timeout_s = STOP_SAVE_TIMEOUT_S if timeout_s is None else timeout_s
+    where = out_dir / "checkpoints"
+    if save is not None:
+        say(f"{stop.name}: saving a final checkpoint at step {step} (waiting up to {timeout_s:.0f}s)")
+        save(step)
+    if ckpt.wait(timeout=timeout_s):
+        print(f"stopped by {stop.name} at step {step}; checkpoint step {step} is in {where}; continue with --resume",
+              file=sys.stderr)
+        raise SystemExit(stop.exit_code)
+    prev = ckpt.latest_step()
+    print(f"stopped by {stop.name} at step {step}; the final checkpoint did not finish within {timeout_s:.0f}s, "
+          f"so the newest in {where} is step {prev}", file=sys.stderr, flush=True)
+    os._exit(stop.exit_code)  # Orbax's writer threads would keep the process alive
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))
