@@ -57,6 +57,18 @@ class DecodeState(NamedTuple):
     top_k_S: jax.Array  # int32, 0 = off
     top_p_S: jax.Array  # 1 = off
     stop_ids_N: jax.Array  # int32 ids that end a row (<|assistant_end|>, <|bos|>)
+    # OpenAI's logit processing, applied before temperature and the filters:
+    # logits + bias - presence * [count > 0] - frequency * count, counting generated tokens.
+    bias_SV: jax.Array  # fp32 logit_bias, dense over the vocabulary
+    counts_SV: jax.Array  # int32 times each token was generated in the slot
+    presence_S: jax.Array  # fp32 presence_penalty
+    frequency_S: jax.Array  # fp32 frequency_penalty
+    # Log-probabilities of the newest token under the processed (pre-temperature) distribution,
+    # and the TOP_LOGPROBS best alternatives (computed only while some slot asks for them).
+    logprob_S: jax.Array  # fp32
+    top_ids_SL: jax.Array  # int32
+    top_lp_SL: jax.Array  # fp32
+    want_lp_S: jax.Array  # bool: this slot reports logprobs
 
 
 class Prefix(NamedTuple):
@@ -243,6 +255,34 @@ def sample_logits(logits_SV, keys_SK, temperature_S, top_k_S, top_p_S):
     return jnp.where(sampling_S, sampled_S, greedy_S)
 
 
+TOP_LOGPROBS = 20  # OpenAI's top_logprobs limit
+
+
+def process_logits(logits_SV, bias_SV, counts_SV, presence_S, frequency_S):
+    """OpenAI's logit_bias and presence/frequency penalties (before temperature)."""
+    counts_SV = counts_SV.astype(jnp.float32)
+    return (logits_SV + bias_SV - presence_S[:, None] * (counts_SV > 0)
+            - frequency_S[:, None] * counts_SV)
+
+
+def token_logprobs(logits_SV, token_S, want_S):
+    """(logprob of token_S, TOP_LOGPROBS best ids, their logprobs) under log_softmax(logits_SV).
+
+    The vocabulary-wide softmax and top-k run only when some row asks (lax.cond); rows
+    that do not ask get zeros."""
+    S, L = logits_SV.shape[0], min(TOP_LOGPROBS, logits_SV.shape[-1])
+
+    def compute():
+        lp_SV = jax.nn.log_softmax(logits_SV, axis=-1)
+        vals_SL, ids_SL = jax.lax.top_k(lp_SV, L)
+        return jnp.take_along_axis(lp_SV, token_S[:, None], axis=-1)[:, 0], ids_SL.astype(jnp.int32), vals_SL
+
+    def skip():
+        return jnp.zeros((S,), jnp.float32), jnp.zeros((S, L), jnp.int32), jnp.zeros((S, L), jnp.float32)
+
+    return jax.lax.cond(jnp.any(want_S), compute, skip)
+
+
 def _split_keys(keys_SK):
     """(next key, subkey for this draw) per slot, as raw key data."""
     keys = jax.vmap(jax.random.wrap_key_data)(keys_SK)
@@ -264,12 +304,17 @@ def init_state(config: GPTConfig, slots: int, max_len: int, stop_ids, dtype=None
                           for _ in range(config.n_layer))
     key_shape = jax.random.key_data(jax.random.key(0)).shape
     zeros_i = lambda: jnp.zeros((slots,), jnp.int32)  # noqa: E731  (fresh buffers: the state is donated)
+    zeros_f = lambda *shape: jnp.zeros((slots, *shape), jnp.float32)  # noqa: E731
+    V, L = config.vocab_size, min(TOP_LOGPROBS, config.vocab_size)
     return DecodeState(
         k_cache=cache(), v_cache=cache(), lengths_S=zeros_i(), limit_S=zeros_i(),
         prev_SC=jnp.zeros((slots, config.n_embd), cd), last_token_S=zeros_i(),
         finish_S=jnp.full((slots,), FREE, jnp.int32), keys_SK=jnp.zeros((slots, *key_shape), jnp.uint32),
         temperature_S=jnp.zeros((slots,), jnp.float32), top_k_S=zeros_i(), top_p_S=jnp.ones((slots,), jnp.float32),
-        stop_ids_N=jnp.asarray(stop_ids, jnp.int32).reshape(-1))
+        stop_ids_N=jnp.asarray(stop_ids, jnp.int32).reshape(-1),
+        bias_SV=zeros_f(V), counts_SV=jnp.zeros((slots, V), jnp.int32), presence_S=zeros_f(), frequency_S=zeros_f(),
+        logprob_S=zeros_f(), top_ids_SL=jnp.zeros((slots, L), jnp.int32), top_lp_SL=zeros_f(L),
+        want_lp_S=jnp.zeros((slots,), bool))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype"))
@@ -291,11 +336,14 @@ def bucket_length(n: int, max_len: int) -> int:
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
-def insert(state: DecodeState, prefix: Prefix, slot, key_data, temperature, top_k, top_p, max_tokens) -> DecodeState:
+def insert(state: DecodeState, prefix: Prefix, slot, key_data, temperature, top_k, top_p, max_tokens,
+           bias_V=None, presence=0.0, frequency=0.0, want_logprobs=False) -> DecodeState:
     """Put a prefix into `slot` and sample its first token from the prefill logits.
 
     The slot's whole cache row is rewritten up to the bucket length; stale entries past it
     sit beyond the slot's length and are overwritten before any query can see them.
+    bias_V (None: no bias) is the dense logit_bias; presence/frequency are the penalties
+    and want_logprobs asks for each token's logprob and the top alternatives.
     """
     slot = jnp.asarray(slot, jnp.int32)
     zero = jnp.zeros((), jnp.int32)
@@ -306,7 +354,12 @@ def insert(state: DecodeState, prefix: Prefix, slot, key_data, temperature, top_
     top_k = jnp.asarray(top_k, jnp.int32)[None]
     top_p = jnp.asarray(top_p, jnp.float32)[None]
     keys_1K, sub_1K = _split_keys(jnp.asarray(key_data, jnp.uint32)[None])
-    token = sample_logits(prefix.logits_V[None], sub_1K, temperature, top_k, top_p)
+    V = state.bias_SV.shape[1]
+    bias_1V = jnp.zeros((1, V), jnp.float32) if bias_V is None else jnp.asarray(bias_V, jnp.float32)[None]
+    logits_1V = prefix.logits_V[None] + bias_1V  # nothing generated yet: the penalties are zero
+    token = sample_logits(logits_1V, sub_1K, temperature, top_k, top_p)
+    want = jnp.asarray(want_logprobs, bool)[None]
+    lp, top_ids, top_lp = token_logprobs(logits_1V, token, want)
     limit = jnp.minimum(prefix.length + max_tokens, state.k_cache[0].shape[2])[None].astype(jnp.int32)
     finish = _finish(token, prefix.length[None] + 1, limit, state.stop_ids_N)
     put = lambda a, val: a.at[slot].set(val[0].astype(a.dtype))  # noqa: E731
@@ -315,7 +368,12 @@ def insert(state: DecodeState, prefix: Prefix, slot, key_data, temperature, top_
         prev_SC=put(state.prev_SC, prefix.prev_C[None]), last_token_S=put(state.last_token_S, token),
         finish_S=put(state.finish_S, finish), keys_SK=put(state.keys_SK, keys_1K),
         temperature_S=put(state.temperature_S, temperature), top_k_S=put(state.top_k_S, top_k),
-        top_p_S=put(state.top_p_S, top_p))
+        top_p_S=put(state.top_p_S, top_p), bias_SV=put(state.bias_SV, bias_1V),
+        counts_SV=put(state.counts_SV, jnp.zeros((1, V), jnp.int32).at[0, token[0]].add(1)),
+        presence_S=put(state.presence_S, jnp.asarray(presence, jnp.float32)[None]),
+        frequency_S=put(state.frequency_S, jnp.asarray(frequency, jnp.float32)[None]),
+        logprob_S=put(state.logprob_S, lp), top_ids_SL=put(state.top_ids_SL, top_ids),
+        top_lp_SL=put(state.top_lp_SL, top_lp), want_lp_S=put(state.want_lp_S, want))
 
 
 def _decode(state: DecodeState, params, forced_S, active_S, config: GPTConfig, dtype):
@@ -324,14 +382,21 @@ def _decode(state: DecodeState, params, forced_S, active_S, config: GPTConfig, d
                                         state.lengths_S, state.prev_SC, active_S.astype(jnp.int32),
                                         config=config, dtype=dtype)
     keys_SK, sub_SK = _split_keys(state.keys_SK)
+    logits_SV = process_logits(logits[:, 0], state.bias_SV, state.counts_SV, state.presence_S, state.frequency_S)
     # Idle rows count as greedy and unfiltered, so they never pull the batch onto a costlier sampler.
-    sampled_S = sample_logits(logits[:, 0], sub_SK, jnp.where(active_S, state.temperature_S, 0.0),
+    sampled_S = sample_logits(logits_SV, sub_SK, jnp.where(active_S, state.temperature_S, 0.0),
                               jnp.where(active_S, state.top_k_S, 0), jnp.where(active_S, state.top_p_S, 1.0))
     token_S = jnp.where(active_S, jnp.where(forced_S >= 0, forced_S, sampled_S), state.last_token_S)
     lengths_S = state.lengths_S + active_S
     finish_S = jnp.where(active_S, _finish(token_S, lengths_S + 1, state.limit_S, state.stop_ids_N), state.finish_S)
+    lp_S, top_ids_SL, top_lp_SL = token_logprobs(logits_SV, token_S, active_S & state.want_lp_S)
+    S = token_S.shape[0]
     return state._replace(k_cache=k, v_cache=v, lengths_S=lengths_S, prev_SC=prev, last_token_S=token_S,
-                          finish_S=finish_S, keys_SK=jnp.where(active_S[:, None], keys_SK, state.keys_SK))
+                          finish_S=finish_S, keys_SK=jnp.where(active_S[:, None], keys_SK, state.keys_SK),
+                          counts_SV=state.counts_SV.at[jnp.arange(S), token_S].add(active_S.astype(jnp.int32)),
+                          logprob_S=jnp.where(active_S, lp_S, state.logprob_S),
+                          top_ids_SL=jnp.where(active_S[:, None], top_ids_SL, state.top_ids_SL),
+                          top_lp_SL=jnp.where(active_S[:, None], top_lp_SL, state.top_lp_SL))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype"), donate_argnums=(0,))
@@ -353,19 +418,20 @@ def generate_steps(state: DecodeState, params, forced_NS, pause_id, *, config: G
 
     A slot that emits `pause_id` (<|python_end|>) sits out the rest of the call, so the
     host can run the calculator and force its output from the next call's first step:
-    the tokens are those of N single steps. Returns (state, tokens_NS, finish_NS, fresh_NS);
-    fresh marks the steps in which a slot produced a token.
+    the tokens are those of N single steps. Returns (state, tokens_NS, finish_NS, fresh_NS,
+    (logprob_NS, top_ids_NSL, top_lp_NSL)); fresh marks the steps in which a slot produced a token.
     """
     def body(carry, forced_S):
         state, paused_S = carry
         active_S = (state.finish_S == RUNNING) & ~paused_S
         state = _decode(state, params, forced_S, active_S, config, dtype)
         paused_S = paused_S | (active_S & (state.last_token_S == pause_id))
-        return (state, paused_S), (state.last_token_S, state.finish_S, active_S)
+        return (state, paused_S), (state.last_token_S, state.finish_S, active_S,
+                                   (state.logprob_S, state.top_ids_SL, state.top_lp_SL))
 
-    (state, _), (tokens_NS, finish_NS, fresh_NS) = jax.lax.scan(
+    (state, _), (tokens_NS, finish_NS, fresh_NS, logprobs) = jax.lax.scan(
         body, (state, jnp.zeros_like(state.finish_S, bool)), forced_NS)
-    return state, tokens_NS, finish_NS, fresh_NS
+    return state, tokens_NS, finish_NS, fresh_NS, logprobs
 
 
 # ---- calculator tool (spec §8.4) ----------------------------------------------------------------
@@ -519,7 +585,7 @@ class Engine:
             state, column, finish = generate_step(state, self.params, jnp.asarray(forced[0]), config=self.config,
                                                   dtype=self.dtype)
             return state, [(np.asarray(column), np.asarray(finish), running, forced[0])]
-        state, tokens, finishes, fresh = generate_steps(state, self.params, jnp.asarray(forced),
+        state, tokens, finishes, fresh, _ = generate_steps(state, self.params, jnp.asarray(forced),
                                                         self.special["<|python_end|>"], config=self.config,
                                                         dtype=self.dtype)
         tokens, finishes, fresh = np.asarray(tokens), np.asarray(finishes), np.asarray(fresh)

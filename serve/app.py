@@ -1,12 +1,15 @@
-"""OpenAI-compatible chat server (jax-anchors §5.3) over the continuous-batching Scheduler.
+"""OpenAI-compatible chat server over the continuous-batching Scheduler.
 
     python -m serve.app --checkpoint DIR [--nanochat] --tokenizer-dir DIR --port 8000 --slots 8
 
 `GET /` is a small chat page (serve/static/index.html) that streams from the same API.
+docs/serving.md describes the endpoints, what of OpenAI's request is honoured, the safety
+filter, and how the server behaves under failure (health, shutdown, disconnects).
 
-Upstream's own server (spec §8.7) was streaming-only and not OpenAI-shaped; this keeps its
-request limits and its hold-back of half-decoded UTF-8, and speaks `/v1/chat/completions`
-so stock clients (the `openai` package, curl) work unchanged.
+Upstream's own server was streaming-only and not OpenAI-shaped; this keeps its request
+limits and its hold-back of half-decoded UTF-8, and speaks `/v1/chat/completions` so stock
+clients (the `openai` package, curl) work unchanged. Every field is range-checked here, at
+the edge, and anything this server does not implement is answered with a 400 that names it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import secrets
 import sys
 import time
@@ -25,13 +29,16 @@ from typing import Literal
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nanochat_jax.engine import Engine
-from serve.scheduler import QueueFull, Request, Scheduler
+from nanochat_jax.engine import TOP_LOGPROBS, Engine
+from serve.scheduler import SEED_MAX, SEED_MIN, QueueFull, Request, Scheduler, SchedulerDead
 
+log = logging.getLogger("nanochat.serve")
 STATIC = Path(__file__).parent / "static"
+TRUNCATE_HEADER = "X-Nanochat-Truncate"  # request header: drop the oldest turns to fit (the page sends it)
+TRUNCATED_HEADER = "X-Truncated-Messages"  # response header: how many messages were dropped
 
 
 @dataclass(frozen=True)
@@ -46,28 +53,159 @@ class Limits:
     retry_after_s: int = 1
 
 
+# OpenAI request fields this server knows but does not implement: a 400 naming them, never ignored.
+UNSUPPORTED = {
+    "tools": "tool calling is not supported", "tool_choice": "tool calling is not supported",
+    "parallel_tool_calls": "tool calling is not supported", "functions": "function calling is not supported",
+    "function_call": "function calling is not supported", "audio": "audio output is not supported",
+    "modalities": "only text output is supported", "prediction": "predicted outputs are not supported",
+    "web_search_options": "web search is not supported", "reasoning_effort": "this is not a reasoning model",
+    "metadata": "stored completions are not supported", "store": "stored completions are not supported",
+    "service_tier": "service tiers are not supported", "verbosity": "verbosity is not supported",
+    "prompt_cache_key": "prompt caching keys are not supported", "safety_identifier": "not supported",
+}
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
 class Message(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    """One chat message; `developer` is OpenAI's newer name for `system`. `name` is accepted and unused."""
+
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
 
 
-class ChatRequest(BaseModel):
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+
+
+def request_model(context: int, slots: int, limits: Limits):
+    """The request schema with this server's limits in it (so the OpenAPI document states them)."""
+
+    class ChatRequest(BaseModel):
+        model_config = ConfigDict(extra="allow")  # unknown fields get a 400 naming them (check_extras)
+        model: str | None = None
+        messages: list[Message] = Field(min_length=1, max_length=limits.max_messages)
+        max_tokens: int | None = Field(None, ge=1, le=context)
+        max_completion_tokens: int | None = Field(None, ge=1, le=context)
+        temperature: float = Field(1.0, ge=0, le=2)
+        top_p: float = Field(1.0, gt=0, le=1)
+        top_k: int = Field(0, ge=0, le=limits.max_top_k, description="nanochat extension: 0 = off")
+        n: int = Field(1, ge=1, le=slots)
+        seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX, description="all 64 bits are used")
+        stop: str | list[str] | None = Field(None, description="up to 4 non-empty strings")
+        stream: bool = False
+        stream_options: StreamOptions | None = None
+        logprobs: bool = False
+        top_logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS)
+        logit_bias: dict[str, float] | None = Field(None, description="token id -> bias in [-100, 100]")
+        presence_penalty: float = Field(0.0, ge=-2, le=2)
+        frequency_penalty: float = Field(0.0, ge=-2, le=2)
+        response_format: ResponseFormat | None = Field(None, description='only {"type": "text"}')
+        user: str | None = Field(None, description="accepted and logged with safety decisions")
+
+    return ChatRequest
+
+
+class ModerationRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    input: str | list[str] = Field(description="text, or a list of texts (at most 32)")
     model: str | None = None
-    messages: list[Message]
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
-    n: int = Field(1, ge=1, le=8)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
+
+
+# ---- response schemas (for the OpenAPI document; the handlers build plain dicts) ----
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class ChoiceMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class Choice(BaseModel):
+    index: int
+    message: ChoiceMessage
+    finish_reason: Literal["stop", "length", "content_filter"]
+    logprobs: dict | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+
+class Model(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[Model]
+
+
+class ModerationResult(BaseModel):
+    flagged: bool
+    categories: dict[str, bool]
+    category_scores: dict[str, float]
+
+
+class ModerationResponse(BaseModel):
+    id: str
+    model: str
+    results: list[ModerationResult]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    slots: int
+    busy_slots: int
+    queued: int
+    api_key_required: bool
+    safety: bool
+
+
+def _err_responses(*codes):
+    words = {400: "invalid request (the error names the parameter)", 401: "missing or wrong API key",
+             404: "unknown model", 429: "queue full; retry after Retry-After seconds",
+             503: "the decode loop is not running (the process is exiting)"}
+    return {c: {"model": ErrorResponse, "description": words[c]} for c in codes}
 
 
 class APIError(Exception):
@@ -83,13 +221,33 @@ def _error(status, message, param=None, code=None, type="invalid_request_error",
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def _dead(sched) -> JSONResponse:
+    return _error(503, f"server unavailable: {sched.failure or 'shutting down'}", code="engine_unavailable",
+                  type="server_error")
+
+
+def _param(loc) -> str | None:
+    """A pydantic error location as OpenAI's dotted param, without union-branch tags like 'str'."""
+    parts = [str(p) for p in loc if p != "body" and not (isinstance(p, str) and ("[" in p or p in (
+        "str", "int", "float", "bool", "list", "dict", "none", "function-after", "constrained-str")))]
+    return ".".join(parts) or None
+
+
 def create_app(engine_or_scheduler: Engine | Scheduler, model_name: str, api_key: str | None = None,
-               limits: Limits = Limits()) -> FastAPI:
-    """An app serving one model. An Engine gets a default Scheduler; pass a Scheduler to size it."""
+               limits: Limits = Limits(), safety=None, truncate: bool = False) -> FastAPI:
+    """An app serving one model. An Engine gets a default Scheduler; pass a Scheduler to size it.
+
+    safety: a nanochat_jax.safety.Policy (None: no filter). truncate: drop the oldest turns of
+    every over-long conversation (a request can also ask with the X-Nanochat-Truncate header).
+    """
     sched = engine_or_scheduler if isinstance(engine_or_scheduler, Scheduler) else Scheduler(engine_or_scheduler)
     tok, context = sched.engine.tokenizer, sched.max_len
-    app = FastAPI(title="nanochat-jax")
-    app.state.scheduler = sched
+    ChatRequest = request_model(context, sched.slots, limits)
+    app = FastAPI(title="nanochat-jax", version="1.0",
+                  description="OpenAI-compatible chat completions and moderations for a nanochat model. "
+                              "Errors are OpenAI-shaped JSON; invalid requests get 400 (never 422).")
+    app.state.scheduler, app.state.safety = sched, safety
+    app.openapi = lambda: _openapi(app)
 
     @app.exception_handler(APIError)
     async def _api_error(_, e: APIError):
@@ -97,11 +255,12 @@ def create_app(engine_or_scheduler: Engine | Scheduler, model_name: str, api_key
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: HTTPRequest, e: RequestValidationError):
-        err = e.errors()[0]
-        if err["type"] == "json_invalid":
-            return _error(400, f"request body is not valid JSON ({err.get('ctx', {}).get('error', 'decode error')})",
+        errs = e.errors()
+        if errs and errs[0]["type"] == "json_invalid":
+            return _error(400, f"request body is not valid JSON ({errs[0].get('ctx', {}).get('error', 'decode error')})",
                           code="invalid_json")
-        param = ".".join(str(p) for p in err["loc"] if p != "body") or None
+        err = max(errs, key=lambda x: len(x["loc"]))  # a union's deepest branch says most
+        param = _param(err["loc"])
         if param is None:  # the body as a whole: not an object, empty, or not sent as JSON
             ctype = request.headers.get("content-type", "")
             msg = ("request body must be a JSON object" if "json" in ctype
@@ -113,9 +272,17 @@ def create_app(engine_or_scheduler: Engine | Scheduler, model_name: str, api_key
     async def _http(_, e: StarletteHTTPException):  # 404, 405, ... in the same shape
         return _error(e.status_code, str(e.detail), headers=getattr(e, "headers", None))
 
+    @app.exception_handler(Exception)
+    async def _unexpected(_, e: Exception):  # a bug: still JSON, and logged
+        log.exception("unhandled error")
+        return _error(500, f"internal error: {type(e).__name__}", type="server_error")
+
     @app.middleware("http")
-    async def _auth(request: HTTPRequest, call_next):
-        if api_key and request.url.path.startswith("/v1"):
+    async def _gate(request: HTTPRequest, call_next):
+        path = request.url.path
+        if path.startswith("/v1") and not sched.alive:
+            return _dead(sched)
+        if api_key and path.startswith("/v1"):
             given = request.headers.get("authorization", "")
             if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                 return _error(401, "invalid or missing API key (Authorization: Bearer ...)", code="invalid_api_key")
@@ -125,86 +292,258 @@ def create_app(engine_or_scheduler: Engine | Scheduler, model_name: str, api_key
     async def index():
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
-    @app.get("/health")
+    @app.get("/health", response_model=Health, responses=_err_responses(503))
     async def health():
+        """200 while the decode loop runs; 503 once it has died or the server is shutting down."""
+        if not sched.alive:
+            return _dead(sched)
         return {"status": "ok", "slots": sched.slots, "busy_slots": sched.busy_slots(), "queued": sched.queued(),
-                "api_key_required": bool(api_key)}
+                "api_key_required": bool(api_key), "safety": safety is not None}
 
-    @app.get("/v1/models")
+    model_entry = {"id": model_name, "object": "model", "created": 0, "owned_by": "nanochat"}
+
+    @app.get("/v1/models", response_model=ModelList, responses=_err_responses(401, 503))
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "nanochat"}]}
+        return {"object": "list", "data": [model_entry]}
 
-    @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest, http: HTTPRequest):
-        prompt, max_tokens, stop = _prepare(body, tok, context, limits, sched.slots)
+    @app.get("/v1/models/{model_id}", response_model=Model, responses=_err_responses(401, 404, 503))
+    async def model(model_id: str):
+        if model_id != model_name:
+            raise APIError(404, f"model {model_id!r} does not exist (this server has {model_name!r})", "model",
+                           "model_not_found")
+        return model_entry
+
+    @app.post("/v1/moderations", response_model=ModerationResponse, responses=_err_responses(400, 401, 503))
+    async def moderations(body: ModerationRequest):
+        """OpenAI's moderation shape over this server's safety policy (400 when it runs without one)."""
+        if safety is None:
+            raise APIError(400, "the safety filter is off on this server (--safety off)", "input",
+                           "moderation_unavailable")
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if not 1 <= len(texts) <= 32 or any(len(t) > limits.max_total_chars for t in texts):
+            raise APIError(400, f"input: 1 to 32 texts of at most {limits.max_total_chars} characters", "input")
+        names = [c.name for c in safety.categories]
+        results = []
+        for t in texts:
+            found = safety.categories_in(t)
+            cats = {n: n in found for n in names} | {n: True for n in found if n not in names}
+            results.append({"flagged": bool(found), "categories": cats,
+                            "category_scores": {n: float(v) for n, v in cats.items()}})
+        mid = f"modr-{uuid.uuid4().hex}"
+        for t, r in zip(texts, results):
+            if r["flagged"]:
+                log.info("safety: %s moderation flagged %s", mid, ",".join(k for k, v in r["categories"].items() if v))
+        return {"id": mid, "model": f"{model_name}-safety-policy", "results": results}
+
+    chat_responses = _err_responses(400, 401, 429, 503)
+    chat_responses[200] = {"description": "a chat.completion, or with stream=true a text/event-stream of "
+                                          "chat.completion.chunk events ending in `data: [DONE]`",
+                           "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletion"}},
+                                       "text/event-stream": {"schema": {"type": "string"}}}}
+
+    async def chat(body, http: HTTPRequest):
+        check_extras(body)
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        want_truncate = truncate or http.headers.get(TRUNCATE_HEADER, "").lower() in ("1", "true", "auto")
+        prompt, max_tokens, stop, dropped = _prepare(body, tok, context, limits, want_truncate)
+        headers = {TRUNCATED_HEADER: str(dropped)} if dropped else {}
+        if safety is not None:
+            hit = safety.check("\n".join(m.text() for m in body.messages if m.role != "assistant"))
+            if hit is not None:
+                log.info("safety: %s input flagged %s%s", cid, hit.category, f" user={body.user}" if body.user else "")
+                return _refusal(body, hit.refusal, cid, created, model_name, len(prompt), headers)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        guard = None
+        if safety is not None:
+            def guard():
+                g = safety.output_guard()
+                g.on_match = lambda cat: log.info("safety: %s output flagged %s", cid, cat)
+                return g
+        bias = {int(k): v for k, v in (body.logit_bias or {}).items()}
         req = Request(prompt, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), max_tokens, n=body.n,
-                      temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=body.seed, stop=stop)
+                      temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=body.seed, stop=stop,
+                      logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0, logit_bias=bias,
+                      presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                      output_guard=guard)
         try:
             sched.submit(req)
         except QueueFull as e:
             raise APIError(429, f"server busy: {e}; retry later", code="queue_full", type="server_overloaded",
                            headers={"Retry-After": str(limits.retry_after_s)}) from None
-        except ValueError as e:
-            raise APIError(400, str(e), "messages", "context_length_exceeded") from None
-        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        except SchedulerDead:
+            return _dead(sched)
+        except ValueError as e:  # the scheduler's own range checks (the schema should have caught it)
+            raise APIError(400, str(e), code="invalid_value") from None
         usage = lambda: {"prompt_tokens": len(prompt), "completion_tokens": req.completion_tokens,  # noqa: E731
                          "total_tokens": len(prompt) + req.completion_tokens}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(_sse(sched, req, events, cid, created, model_name, include_usage, usage),
                                      media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        texts, reasons = [""] * body.n, [None] * body.n
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
+        texts, reasons, lps = [""] * body.n, [None] * body.n, [[] for _ in range(body.n)]
+        watcher = asyncio.create_task(_wait_disconnect(http))
         try:
-            while (ev := await events.get()) is not None:
+            while True:
+                getter = asyncio.ensure_future(events.get())
+                await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():  # the client went away: free the slots now, not when the answer ends
+                    getter.cancel()
+                    sched.cancel(req)
+                    return JSONResponse({}, status_code=499)
+                if (ev := getter.result()) is None:
+                    break
                 texts[ev.index] += ev.text
                 reasons[ev.index] = ev.finish_reason or reasons[ev.index]
+                if ev.logprobs:
+                    lps[ev.index] += ev.logprobs
         finally:
+            watcher.cancel()
             sched.cancel(req)  # a no-op once finished; frees the slots if the client went away
         if req.error:
+            if not sched.alive:
+                return _dead(sched)
             raise APIError(500, f"generation failed: {req.error}", type="server_error")
-        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r}
-                   for i, (t, r) in enumerate(zip(texts, reasons))]
-        return {"id": cid, "object": "chat.completion", "created": created, "model": model_name,
-                "choices": choices, "usage": usage()}
+        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r,
+                    "logprobs": _logprobs_json(lp, tok) if body.logprobs else None}
+                   for i, (t, r, lp) in enumerate(zip(texts, reasons, lps))]
+        return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": model_name,
+                             "choices": choices, "usage": usage()}, headers=headers)
 
+    chat.__annotations__["body"] = ChatRequest  # a class made here: a string annotation would not resolve
+    app.post("/v1/chat/completions", response_model=ChatCompletion, responses=chat_responses)(chat)
     return app
 
 
-def _prepare(body: ChatRequest, tok, context: int, limits: Limits, slots: int):
-    """Request limits and the prompt: (prompt ids, max_tokens, stop strings), or an APIError."""
-    msgs = body.messages
-    if not 1 <= len(msgs) <= limits.max_messages:
-        raise APIError(400, f"messages: need 1 to {limits.max_messages} messages, got {len(msgs)}", "messages")
+def check_extras(body) -> None:
+    """A 400 naming any field we do not implement (OpenAI's own, or unknown)."""
+    for name, value in (body.model_extra or {}).items():
+        why = UNSUPPORTED.get(name)
+        if name == "store" and value in (False, None):
+            continue
+        raise APIError(400, f"{name}: {why}" if why else f"unrecognized request argument: {name}", name,
+                       "unsupported_parameter")
+    if body.response_format is not None and body.response_format.type != "text":
+        raise APIError(400, f"response_format: type {body.response_format.type!r} is not supported (only 'text')",
+                       "response_format", "unsupported_parameter")
+    if body.top_logprobs and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+
+
+def truncate_messages(messages: list[dict], fits) -> tuple[list[dict], int]:
+    """Drop the oldest turns until fits(messages): system/developer messages and the last
+    message stay; user+assistant turns go oldest first. Returns (messages, dropped count).
+    The page (index.html) and the CLI use this same rule."""
+    msgs, dropped = list(messages), 0
+    while not fits(msgs):
+        first = next((i for i, m in enumerate(msgs[:-1]) if m["role"] not in ("system", "developer")), None)
+        if first is None:
+            break
+        # a user turn goes with the assistant reply after it, so the roles keep alternating
+        k = 2 if first + 1 < len(msgs) - 1 and msgs[first + 1]["role"] == "assistant" else 1
+        del msgs[first:first + k]
+        dropped += k
+    return msgs, dropped
+
+
+def _prepare(body, tok, context: int, limits: Limits, truncate: bool):
+    """Request limits and the prompt: (prompt ids, max_tokens, stop strings, messages dropped), or an APIError."""
+    msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     for i, m in enumerate(msgs):
-        if not m.content or len(m.content) > limits.max_message_chars:
+        if not m["content"] or len(m["content"]) > limits.max_message_chars:
             raise APIError(400, f"messages[{i}].content must be 1 to {limits.max_message_chars} characters",
                            f"messages.{i}.content")
-    if sum(len(m.content) for m in msgs) > limits.max_total_chars:
+    if sum(len(m["content"]) for m in msgs) > limits.max_total_chars:
         raise APIError(400, f"messages: more than {limits.max_total_chars} characters in total", "messages")
-    if body.top_k > limits.max_top_k:
-        raise APIError(400, f"top_k must be 0 (off) to {limits.max_top_k}", "top_k")
-    if body.n > slots:
-        raise APIError(400, f"n must be at most {slots} on this server", "n")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > 4 or not all(stop):
         raise APIError(400, "stop: up to 4 non-empty strings", "stop")
+    for k, v in (body.logit_bias or {}).items():
+        if not (k.isascii() and k.isdecimal() and int(k) < tok.vocab_size) or not -100 <= v <= 100:
+            raise APIError(400, f"logit_bias: keys must be token ids in [0, {tok.vocab_size}) and values in "
+                                f"[-100, 100] (got {k!r}: {v!r})", "logit_bias")
     asked = body.max_completion_tokens or body.max_tokens
-    if asked is not None and asked > context:
-        raise APIError(400, f"max_tokens {asked} exceeds the {context}-token context", "max_tokens")
-    try:
-        prompt = tok.render_for_completion({"messages": [m.model_dump() for m in msgs]})
-    except ValueError as e:
-        raise APIError(400, str(e), "messages") from None
+
+    def render(ms):
+        try:
+            return tok.render_for_completion({"messages": _merge_system(ms)})
+        except ValueError as e:
+            raise APIError(400, str(e), "messages") from None
+
+    prompt, dropped = render(msgs), 0
+    if len(prompt) >= context and truncate:
+        room = min(asked or limits.default_max_tokens, context // 4)
+        cache = {}
+
+        def fits(ms):
+            cache["prompt"] = render(ms)
+            return len(cache["prompt"]) + room <= context
+
+        msgs, dropped = truncate_messages(msgs, fits)
+        prompt = cache.get("prompt", prompt)
     if len(prompt) >= context:
-        raise APIError(400, f"prompt of {len(prompt)} tokens fills the {context}-token context", "messages",
-                       "context_length_exceeded")
-    return prompt, min(asked or limits.default_max_tokens, context - len(prompt)), tuple(stop)
+        raise APIError(400, f"prompt of {len(prompt)} tokens fills the {context}-token context"
+                            + ("" if truncate else f" (send {TRUNCATE_HEADER}: 1 to drop the oldest turns)"),
+                       "messages", "context_length_exceeded")
+    return prompt, min(asked or limits.default_max_tokens, context - len(prompt)), tuple(stop), dropped
+
+
+def _merge_system(msgs):
+    """The chat template takes one leading system message: several (system + developer) are joined."""
+    sys_msgs = [m for m in msgs if m["role"] == "system"]
+    if len(sys_msgs) <= 1:
+        return msgs
+    if msgs[0]["role"] != "system" or any(m["role"] == "system" for m in msgs[len(sys_msgs):]):
+        return msgs  # a system message after the conversation started: let the template reject it
+    return [{"role": "system", "content": "\n\n".join(m["content"] for m in sys_msgs)}] + msgs[len(sys_msgs):]
+
+
+def _logprobs_json(entries, tok) -> dict:
+    """OpenAI's choice.logprobs: {"content": [{token, logprob, bytes, top_logprobs}], "refusal": None}."""
+    def item(t, lp):
+        s = tok.decode([t])
+        return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+
+    return {"content": [item(t, lp) | {"top_logprobs": [item(a, b) for a, b in top]} for t, lp, top in entries],
+            "refusal": None}
+
+
+def _refusal(body, text, cid, created, model_name, prompt_tokens, headers):
+    """The answer to a flagged input: the policy's refusal, finish_reason content_filter, no model call."""
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": 0, "total_tokens": prompt_tokens}
+    if not body.stream:
+        choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": "content_filter",
+                    "logprobs": None} for i in range(body.n)]
+        return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": model_name,
+                             "choices": choices, "usage": usage}, headers=headers)
+
+    def chunk(choices, **extra):
+        return "data: " + json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created,
+                                      "model": model_name, "choices": choices, **extra}, ensure_ascii=False) + "\n\n"
+
+    async def gen():
+        for i in range(body.n):
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": text}, "finish_reason": None}])
+            yield chunk([{"index": i, "delta": {}, "finish_reason": "content_filter"}])
+        if body.stream_options and body.stream_options.include_usage:
+            yield chunk([], usage=usage)
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(gen(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers})
+
+
+async def _wait_disconnect(http: HTTPRequest):
+    """Returns when the client disconnects (the body is already read, so receive() waits for that)."""
+    while True:
+        msg = await http.receive()
+        if msg["type"] == "http.disconnect":
+            return
 
 
 async def _sse(sched, req, events, cid, created, model_name, include_usage, usage):
     """chat.completion.chunk events; the finally frees the slots when the client disconnects."""
+    tok = sched.engine.tokenizer
+
     def chunk(choices, **extra):
         body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name,
                 "choices": choices, **extra}
@@ -215,7 +554,10 @@ async def _sse(sched, req, events, cid, created, model_name, include_usage, usag
                      for i in range(req.n)])
         while (ev := await events.get()) is not None:
             delta = {"content": ev.text} if ev.text else {}
-            yield chunk([{"index": ev.index, "delta": delta, "finish_reason": ev.finish_reason}])
+            c = {"index": ev.index, "delta": delta, "finish_reason": ev.finish_reason}
+            if req.logprobs:
+                c["logprobs"] = _logprobs_json(ev.logprobs or [], tok)
+            yield chunk([c])
         if req.error:
             yield f"data: {json.dumps({'error': {'message': req.error, 'type': 'server_error'}})}\n\n"
         elif include_usage:
@@ -223,6 +565,23 @@ async def _sse(sched, req, events, cid, created, model_name, include_usage, usag
         yield "data: [DONE]\n\n"
     finally:
         sched.cancel(req)
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's document, corrected to what the server sends: 400 (not 422) for invalid input."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    for path in doc.get("paths", {}).values():
+        for op in path.values():
+            op.get("responses", {}).pop("422", None)
+    for name in ("HTTPValidationError", "ValidationError"):
+        doc.get("components", {}).get("schemas", {}).pop(name, None)
+    doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    app.openapi_schema = doc
+    return doc
 
 
 def load_engine(checkpoint: str, nanochat: bool, tokenizer_dir: str, dtype=None, step: int | None = None) -> Engine:
@@ -238,8 +597,35 @@ def load_engine(checkpoint: str, nanochat: bool, tokenizer_dir: str, dtype=None,
     return Engine(params, config, Tokenizer.load(tokenizer_dir), dtype=dtype)
 
 
-def main(argv=None):
+def serve(sched: Scheduler, app: FastAPI, host: str, port: int, drain_s: float = 5.0) -> int:
+    """Run uvicorn until SIGTERM/SIGINT or the decode loop dies; returns the exit code.
+
+    On a signal, uvicorn stops accepting connections and lets requests in flight finish for
+    up to drain_s seconds, then cancels them; the scheduler is closed either way. A dead
+    decode loop stops the server with exit code 1, so a supervisor restarts it."""
     import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=drain_s,
+                                           log_level="info"))
+    died = []
+
+    def on_death(reason):
+        died.append(reason)
+        server.should_exit = True
+
+    sched.on_death(on_death)
+    try:
+        server.run()
+    finally:
+        sched.close(timeout=drain_s)
+    if died:
+        print(f"error: {died[0]}; exiting", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+def main(argv=None):
+    from nanochat_jax import safety as safety_mod
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="Orbax checkpoint dir (or nanochat .pt dir with --nanochat)")
@@ -254,16 +640,35 @@ def main(argv=None):
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--steps-per-call", type=int, default=4, help="decode steps per device call (1: one per token)")
     ap.add_argument("--no-warmup", action="store_true", help="skip compiling every shape before serving")
+    ap.add_argument("--safety", default="default", metavar="off|default|PATH",
+                    help="safety filter: off, the packaged default policy, or a policy JSON file")
+    ap.add_argument("--safety-classifier", default=None, metavar="MODULE:FUNCTION",
+                    help="also flag text this callable (text -> category name or None) flags")
+    ap.add_argument("--truncate", action="store_true",
+                    help="drop the oldest turns of over-long conversations instead of answering 400")
+    ap.add_argument("--drain-seconds", type=float, default=5.0,
+                    help="on SIGTERM, let requests in flight finish for this long, then cancel them")
     args = ap.parse_args(argv)
-    engine = load_engine(args.checkpoint, args.nanochat, args.tokenizer_dir, args.dtype)
-    sched = Scheduler(engine, slots=args.slots, max_queue=args.max_queue, steps_per_call=args.steps_per_call)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for flag, value, lo in (("--slots", args.slots, 1), ("--max-queue", args.max_queue, 0),
+                            ("--steps-per-call", args.steps_per_call, 1)):
+        if value < lo:
+            ap.error(f"{flag} must be at least {lo}")
     try:
-        if not args.no_warmup:
-            print("warming up (compiling prefill buckets and the decode step)...", file=sys.stderr, flush=True)
-            print(f"warm-up took {sched.warmup():.1f} s", file=sys.stderr, flush=True)
-        uvicorn.run(create_app(sched, args.model_name, args.api_key), host=args.host, port=args.port)
-    finally:
-        sched.close()
+        policy = safety_mod.load_policy(args.safety, args.safety_classifier)
+    except safety_mod.PolicyError as e:
+        ap.exit(2, f"error: {e}\n")
+    try:
+        engine = load_engine(args.checkpoint, args.nanochat, args.tokenizer_dir, args.dtype)
+    except Exception as e:  # noqa: BLE001  (a missing or corrupt checkpoint: one line, not a traceback)
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        ap.exit(1, f"error: could not load the model: {msg}\n")
+    sched = Scheduler(engine, slots=args.slots, max_queue=args.max_queue, steps_per_call=args.steps_per_call)
+    app = create_app(sched, args.model_name, args.api_key, safety=policy, truncate=args.truncate)
+    if not args.no_warmup:
+        print("warming up (compiling prefill buckets and the decode step)...", file=sys.stderr, flush=True)
+        print(f"warm-up took {sched.warmup():.1f} s", file=sys.stderr, flush=True)
+    sys.exit(serve(sched, app, args.host, args.port, args.drain_seconds))
 
 
 if __name__ == "__main__":

@@ -7,11 +7,19 @@ host turns tokens into text per request, with the calculator forcing Engine does
 pushes events through a per-request callback.
 The thread is the only one touching device state, so no locks guard it; the queue and
 cancellation flags are the only shared data.
+
+Robustness: `submit` checks every field's range, and anything that goes wrong while one
+request is admitted or its tokens are turned into text fails that request alone. Only a
+failure of the shared device step ends the loop; then every request is failed, `alive`
+turns False and the `on_death` callbacks run (the server exits so a supervisor restarts it).
 """
 
 from __future__ import annotations
 
 import collections
+import logging
+import math
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,25 +31,44 @@ import numpy as np
 
 from nanochat_jax import engine as E
 
+log = logging.getLogger("nanochat.serve")
+
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # any signed or unsigned 64-bit seed; all 64 bits are used
+MAX_TEMPERATURE = 100.0
+MAX_LOGIT_BIAS = 100.0
+MAX_PENALTY = 2.0
+
 
 class QueueFull(Exception):
     """The wait queue is at its limit; the caller should retry later."""
 
 
+class SchedulerDead(RuntimeError):
+    """The decode loop has stopped (failed or closed): no request can be served."""
+
+
 class Event(NamedTuple):
-    """A piece of choice `index`'s text, or (finish_reason set) its end."""
+    """A piece of choice `index`'s text, or (finish_reason set) its end.
+
+    logprobs: for requests that asked, one entry per token whose text is in `text`:
+    (token id, logprob, [(id, logprob), ...] top alternatives).
+    """
 
     index: int
     text: str
     finish_reason: str | None = None
+    logprobs: list | None = None
 
 
 @dataclass
 class _Choice:
     tool: E._ToolRow = field(default_factory=E._ToolRow)
     tokens: list = field(default_factory=list)
+    ends: list = field(default_factory=list)  # decoded text length after each token (for logprobs)
+    pending: list = field(default_factory=list)  # logprob entries not yet sent
     sent: int = 0  # characters of decoded text already emitted
     done: bool = False
+    guard: object = None  # output filter: .feed(text, final) -> (chars safe to send, category or None)
 
 
 @dataclass
@@ -49,7 +76,8 @@ class Request:
     """One chat completion: prompt ids, sampling settings, and where its events go.
 
     on_event is called from the scheduler thread with an Event, and with None once every
-    choice has finished (or the scheduler failed: then `error` is set).
+    choice has finished (or the request failed: then `error` is set).
+    output_guard, when set, makes one filter per choice (see nanochat_jax.safety.OutputGuard).
     """
 
     prompt: list
@@ -61,12 +89,58 @@ class Request:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+    logit_bias: dict | None = None  # token id -> bias added to its logit
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    output_guard: Callable | None = None
     cancelled: bool = False
     error: str | None = None
     completion_tokens: int = 0
 
     def __post_init__(self):
         self.choices = [_Choice() for _ in range(self.n)]
+
+
+def check_request(req: Request, slots: int, max_len: int, vocab_size: int) -> None:
+    """Every field's range, so nothing a request carries can fail inside the loop (ValueError)."""
+    def num(name, lo, hi, integer=False):
+        v = getattr(req, name)
+        ok = isinstance(v, (int, np.integer)) and not isinstance(v, bool) if integer else \
+            isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(v)
+        if not ok or not lo <= v <= hi:
+            raise ValueError(f"{name} must be {'an integer' if integer else 'a number'} in [{lo}, {hi}], got {v!r}")
+
+    num("n", 1, slots, integer=True)
+    if not 0 < len(req.prompt) < max_len:
+        raise ValueError(f"prompt of {len(req.prompt)} tokens leaves no room in the {max_len}-token context")
+    if not all(isinstance(t, (int, np.integer)) and 0 <= t < vocab_size for t in req.prompt):
+        raise ValueError(f"prompt token ids must be integers in [0, {vocab_size})")
+    num("max_tokens", 1, max_len, integer=True)
+    num("temperature", 0.0, MAX_TEMPERATURE)
+    num("top_k", 0, vocab_size, integer=True)
+    if not (isinstance(req.top_p, (int, float)) and 0 < req.top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {req.top_p!r}")
+    if req.seed is not None:
+        num("seed", SEED_MIN, SEED_MAX, integer=True)
+    if not all(isinstance(s, str) and s for s in req.stop):
+        raise ValueError("stop strings must be non-empty strings")
+    num("top_logprobs", 0, E.TOP_LOGPROBS, integer=True)
+    num("presence_penalty", -MAX_PENALTY, MAX_PENALTY)
+    num("frequency_penalty", -MAX_PENALTY, MAX_PENALTY)
+    for tok, bias in (req.logit_bias or {}).items():
+        if not (isinstance(tok, (int, np.integer)) and 0 <= tok < vocab_size):
+            raise ValueError(f"logit_bias: token id {tok!r} is not in [0, {vocab_size})")
+        if not (isinstance(bias, (int, float)) and math.isfinite(bias) and abs(bias) <= MAX_LOGIT_BIAS):
+            raise ValueError(f"logit_bias: bias for token {tok} must be in [-100, 100], got {bias!r}")
+
+
+def seed_key_data(seed: int | None) -> np.ndarray:
+    """A threefry key from all 64 bits of the seed (negative seeds wrap, as two's complement);
+    equal to jax.random.key(seed) for 0 <= seed < 2**31. None draws a fresh random seed."""
+    seed = secrets.randbits(64) if seed is None else int(seed) % 2**64
+    return np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32)
 
 
 class Scheduler:
@@ -79,26 +153,39 @@ class Scheduler:
         self.engine, self.slots, self.max_queue = engine, slots, max_queue
         self.steps_per_call = steps_per_call
         self.max_len = max_len or engine.config.sequence_len
+        self.vocab_size = engine.config.vocab_size
         self.state = E.init_state(engine.config, slots, self.max_len, engine.stop_ids, engine.dtype)
+        if jax.random.key_data(jax.random.key(0)).shape != (2,):
+            raise ValueError("the scheduler's 64-bit seeds need the default threefry PRNG")
         self._owner = [None] * slots  # (request, choice index) per busy slot
         self._finish = np.full(slots, E.FREE, np.int32)  # host copy of the device's finish codes
         self._waiting = collections.deque()
         self._tasks = collections.deque()  # (function, result box, done event) run on the scheduler thread
         self._cv = threading.Condition()
         self._closed = False
+        self.failure: str | None = None  # why the loop died, if it did
+        self._death_callbacks: list = []
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
         self._thread.start()
 
     # ---- any thread -----------------------------------------------------------------
 
+    @property
+    def alive(self) -> bool:
+        """False once the loop has died or been closed: serve 503 and restart."""
+        return self.failure is None and not self._closed and self._thread.is_alive()
+
+    def on_death(self, callback: Callable[[str], None]) -> None:
+        """Call `callback(reason)` (from the scheduler thread) if the loop dies of an error."""
+        self._death_callbacks.append(callback)
+        if self.failure is not None:
+            callback(self.failure)
+
     def submit(self, req: Request) -> Request:
-        if not 1 <= req.n <= self.slots:
-            raise ValueError(f"n={req.n} must be between 1 and the {self.slots} slots")
-        if not 0 < len(req.prompt) < self.max_len:
-            raise ValueError(f"prompt of {len(req.prompt)} tokens leaves no room in the {self.max_len}-token context")
+        check_request(req, self.slots, self.max_len, self.vocab_size)
         with self._cv:
-            if self._closed:
-                raise RuntimeError("scheduler is closed")
+            if not self.alive:
+                raise SchedulerDead(self.failure or "scheduler is closed")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests already waiting")
             self._waiting.append(req)
@@ -119,28 +206,49 @@ class Scheduler:
 
     def warmup(self) -> float:
         """Compile everything a request can need (prefill and insert for every prompt bucket,
-        the decode step, freeing a slot) on the scheduler thread; returns the seconds taken.
+        the decode step, freeing a slot), then serve two small requests end to end (sampled
+        with every option, and greedy) so the host paths run once too; returns the seconds.
         Call it while idle, e.g. before serving: the first requests then do not stall."""
+        t0 = time.perf_counter()
+        self._run_task(self._warmup)
+        bos = self.engine.special["<|bos|>"]
+        for kw in (dict(n=min(2, self.slots), temperature=1.0, top_k=5, top_p=0.9, seed=1, stop=("\n\n",),
+                        logprobs=True, top_logprobs=2, logit_bias={bos: -1.0}, presence_penalty=0.5,
+                        frequency_penalty=0.5),
+                   dict(temperature=0.0)):
+            done = threading.Event()
+            req = Request([bos], lambda ev, d=done: ev is None and d.set(), max_tokens=2 * self.steps_per_call + 1,
+                          **kw)
+            self.submit(req)
+            done.wait()
+            if req.error:
+                raise RuntimeError(f"warm-up request failed: {req.error}")
+        return time.perf_counter() - t0
+
+    def _run_task(self, fn):
         box, done = {}, threading.Event()
         with self._cv:
-            if self._closed:
-                raise RuntimeError("scheduler is closed")
-            self._tasks.append((self._warmup, box, done))
+            if not self.alive:
+                raise SchedulerDead(self.failure or "scheduler is closed")
+            self._tasks.append((fn, box, done))
             self._cv.notify()
         done.wait()
         if "error" in box:
             raise box["error"]
         return box["result"]
 
-    def close(self) -> None:
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the loop: requests still running or waiting end with an error."""
         with self._cv:
             self._closed = True
             self._cv.notify()
-        self._thread.join()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
 
     # ---- scheduler thread ---------------------------------------------------------------
 
     def _run(self):
+        reason = "server shutting down"
         try:
             while True:
                 with self._cv:
@@ -159,16 +267,23 @@ class Scheduler:
                 self._admit()
                 if (self._finish == E.RUNNING).any():
                     self._step()
-        except Exception as e:  # fail every request instead of leaving clients hanging
-            self._fail_all(f"{type(e).__name__}: {e}")
-            raise
+        except BaseException as e:  # noqa: BLE001  (even SystemExit: fail every request, never hang them)
+            reason = f"decode loop died: {type(e).__name__}: {e}"
+            self.failure = reason
+            log.error(reason)
         finally:
-            self._fail_all("scheduler closed")
+            self._fail_all(reason)
             with self._cv:
                 tasks, self._tasks = list(self._tasks), collections.deque()
             for _, box, done in tasks:
-                box["error"] = RuntimeError("scheduler closed")
+                box["error"] = SchedulerDead(reason)
                 done.set()
+            if self.failure is not None:
+                for cb in self._death_callbacks:
+                    try:
+                        cb(self.failure)
+                    except Exception:  # noqa: BLE001
+                        log.exception("on_death callback failed")
 
     def _fail_all(self, message: str):
         with self._cv:
@@ -177,6 +292,18 @@ class Scheduler:
             self._waiting.clear()
         for req in reqs.values():
             req.error = message
+            _notify(req, None)
+
+    def _fail(self, req: Request, message: str):
+        """End one request with an error (its own bad input or host-side failure); the loop goes on."""
+        log.warning("request failed: %s", message)
+        for s, o in enumerate(self._owner):
+            if o and o[0] is req:
+                self._free(s)
+        if req.error is None:
+            req.error = message
+            for ch in req.choices:
+                ch.done = True
             _notify(req, None)
 
     def _drop_cancelled(self):
@@ -195,23 +322,42 @@ class Scheduler:
                 if not self._waiting or len(free) < self._waiting[0].n:
                     break
                 req = self._waiting.popleft()
-            self._place(req, free[:req.n])
+            try:
+                self._place(req, free[:req.n])
+            except Exception as e:  # noqa: BLE001  (this request's problem, not the loop's)
+                self._fail(req, f"could not start: {type(e).__name__}: {e}")
+                continue
             admitted += free[:req.n]
         if admitted:
             tokens, finish = np.asarray(self.state.last_token_S), np.asarray(self.state.finish_S)
+            lps = self._logprob_arrays(admitted)
             for s in admitted:
+                if self._owner[s] is None:  # its request already failed on an earlier slot
+                    continue
                 self._finish[s] = finish[s]
-                self._take(s, int(tokens[s]), int(finish[s]))
+                self._take_safely(s, int(tokens[s]), int(finish[s]), lps and tuple(a[s] for a in lps))
 
     def _place(self, req: Request, slots: list):
         """Prefill once, insert into `slots`; as Engine, choice i samples with fold_in(seed, i)."""
         prefix = self.engine.prefill(req.prompt, self.max_len)
-        base = jax.random.key(int(np.random.randint(2**31) if req.seed is None else req.seed))
+        base = jax.random.wrap_key_data(jnp.asarray(seed_key_data(req.seed)))
+        bias_V = np.zeros(self.vocab_size, np.float32)
+        for tok, b in (req.logit_bias or {}).items():
+            bias_V[int(tok)] = float(b)
         for i, s in enumerate(slots):
             key = jax.random.key_data(jax.random.fold_in(base, i))
             self.state = E.insert(self.state, prefix, int(s), key, float(req.temperature), int(req.top_k),
-                                  float(req.top_p), int(req.max_tokens))
+                                  float(req.top_p), int(req.max_tokens), bias_V, float(req.presence_penalty),
+                                  float(req.frequency_penalty), bool(req.logprobs))
             self._owner[s] = (req, i)
+            if req.output_guard is not None:
+                req.choices[i].guard = req.output_guard()
+
+    def _logprob_arrays(self, slots):
+        """Host copies of the newest tokens' logprobs, only when some request in `slots` wants them."""
+        if not any(self._owner[s] and self._owner[s][0].logprobs for s in slots):
+            return None
+        return tuple(np.asarray(a) for a in (self.state.logprob_S, self.state.top_ids_SL, self.state.top_lp_SL))
 
     def _step(self):
         n = self.steps_per_call
@@ -224,18 +370,21 @@ class Scheduler:
         if n == 1:
             self.state, tokens, finish = E.generate_step(self.state, self.engine.params, jnp.asarray(forced[0]),
                                                          config=self.engine.config, dtype=self.engine.dtype)
-            steps = [(np.asarray(tokens), np.asarray(finish), None)]
+            lps = self._logprob_arrays(running)
+            steps = [(np.asarray(tokens), np.asarray(finish), None, lps)]
         else:
-            self.state, tokens, finish, fresh = E.generate_steps(
+            self.state, tokens, finish, fresh, lps = E.generate_steps(
                 self.state, self.engine.params, jnp.asarray(forced), self.engine.special["<|python_end|>"],
                 config=self.engine.config, dtype=self.engine.dtype)
-            steps = list(zip(np.asarray(tokens), np.asarray(finish), np.asarray(fresh)))
+            wants = any(self._owner[s] and self._owner[s][0].logprobs for s in running)
+            lps = list(zip(*(np.asarray(a) for a in lps))) if wants else [None] * n
+            steps = list(zip(np.asarray(tokens), np.asarray(finish), np.asarray(fresh), lps))
         owners = {s: self._owner[s] for s in running}
-        for tokens, finish, fresh in steps:
+        for tokens, finish, fresh, lp in steps:
             for s in running:  # a slot the host ended mid-call (stop string) ignores its later tokens
                 if (fresh is None or fresh[s]) and self._owner[s] is not None and self._owner[s] is owners[s]:
                     self._finish[s] = finish[s]
-                    self._take(s, int(tokens[s]), int(finish[s]))
+                    self._take_safely(s, int(tokens[s]), int(finish[s]), lp and tuple(a[s] for a in lp))
 
     def _warmup(self) -> float:
         if self.busy_slots() or self._waiting:
@@ -252,8 +401,15 @@ class Scheduler:
         self._step()  # every slot free: a full decode call that changes nothing
         return time.perf_counter() - t0
 
-    def _take(self, s: int, token: int, finish: int):
-        """Account a slot's new token: calculator state, text, stop strings, finish."""
+    def _take_safely(self, s: int, token: int, finish: int, lp):
+        req = self._owner[s][0]
+        try:
+            self._take(s, token, finish, lp)
+        except Exception as e:  # noqa: BLE001  (e.g. a listener or filter bug: fail this request only)
+            self._fail(req, f"{type(e).__name__}: {e}")
+
+    def _take(self, s: int, token: int, finish: int, lp):
+        """Account a slot's new token: calculator state, text, stop strings, output filter, finish."""
         req, i = self._owner[s]
         ch = req.choices[i]
         ch.tool.see(token, self.engine.special, self.engine.tokenizer)
@@ -261,20 +417,36 @@ class Scheduler:
             ch.tokens.append(token)
             req.completion_tokens += 1
         text = self.engine.tokenizer.decode(ch.tokens)
+        if finish != E.STOP and req.logprobs and lp is not None:
+            ch.ends.append(len(text))
+            top = [(int(t), float(v)) for t, v in zip(lp[1][:req.top_logprobs], lp[2][:req.top_logprobs])]
+            ch.pending.append((token, float(lp[0]), top))
         hit = min((j for j in (text.find(st) for st in req.stop) if j >= 0), default=-1)
         if hit >= 0:
-            self._emit(req, i, text[:hit], "stop")
-            self._free(s)
+            text, reason = text[:hit], "stop"
         elif finish in (E.STOP, E.LENGTH):
-            self._emit(req, i, text, E.FINISH_REASONS[finish])
+            reason = E.FINISH_REASONS[finish]
+        elif text.endswith("\ufffd"):  # hold back a half-decoded multi-byte character
+            return
+        else:
+            text, reason = text[:len(text) - _held(text, req.stop)], None
+        if ch.guard is not None:
+            safe, category = ch.guard.feed(text, reason is not None)
+            text = text[:safe]
+            if category is not None:
+                reason = "content_filter"
+        self._emit(req, i, text, reason)
+        if reason:
             self._free(s)
-        elif not text.endswith("\ufffd"):  # hold back a half-decoded multi-byte character
-            self._emit(req, i, text[:len(text) - _held(text, req.stop)], None)
 
     def _emit(self, req: Request, i: int, text: str, finish_reason: str | None):
         ch = req.choices[i]
         if len(text) > ch.sent:
-            _notify(req, Event(i, text[ch.sent:]))
+            lps = None
+            if req.logprobs:  # entries of the tokens whose text is now fully sent
+                k = sum(1 for e in ch.ends[:len(ch.pending)] if e <= len(text))
+                lps, ch.pending, ch.ends = ch.pending[:k], ch.pending[k:], ch.ends[k:]
+            _notify(req, Event(i, text[ch.sent:], None, lps))
             ch.sent = len(text)
         if finish_reason:
             ch.done = True
@@ -294,7 +466,7 @@ def _notify(req: Request, event):
     """A listener that fails (its event loop is gone) is a client that left: cancel, don't crash the loop."""
     try:
         req.on_event(event)
-    except Exception:
+    except Exception:  # noqa: BLE001
         req.cancelled = True
 
 

@@ -277,7 +277,7 @@ def test_32_concurrent_streams_on_a_live_server(server, rand_engine):
             time.sleep(0.02)
         assert sched.busy_slots() == 0 and sched.queued() == 0 and (sched._finish == engine.FREE).all()
         assert httpx.get(f"{url}/health").json() | {"slots": 8} == {
-            "status": "ok", "slots": 8, "busy_slots": 0, "queued": 0, "api_key_required": False}
+            "status": "ok", "slots": 8, "busy_slots": 0, "queued": 0, "api_key_required": False, "safety": False}
     finally:
         sched.close()
 
@@ -293,7 +293,7 @@ def test_32_concurrent_streams_on_a_live_server(server, rand_engine):
     ({"messages": [{"role": "user", "content": "x" * 200}]}, "messages"),  # longer than the context
     ({"max_tokens": 129}, "max_tokens"),
     ({"max_tokens": 0}, "max_tokens"),
-    ({"max_completion_tokens": 1000}, "max_tokens"),
+    ({"max_completion_tokens": 1000}, "max_completion_tokens"),
     ({"temperature": 2.5}, "temperature"),
     ({"temperature": -0.1}, "temperature"),
     ({"top_p": 0}, "top_p"),
