@@ -597,12 +597,16 @@ def load_engine(checkpoint: str, nanochat: bool, tokenizer_dir: str, dtype=None,
     return Engine(params, config, Tokenizer.load(tokenizer_dir), dtype=dtype)
 
 
-def serve(sched: Scheduler, app: FastAPI, host: str, port: int, drain_s: float = 5.0) -> int:
+def serve(sched: Scheduler, app: FastAPI, host: str, port: int, drain_s: float = 5.0,
+          exit_delay_s: float = 1.0) -> int:
     """Run uvicorn until SIGTERM/SIGINT or the decode loop dies; returns the exit code.
 
     On a signal, uvicorn stops accepting connections and lets requests in flight finish for
     up to drain_s seconds, then cancels them; the scheduler is closed either way. A dead
-    decode loop stops the server with exit code 1, so a supervisor restarts it."""
+    decode loop stops the server with exit code 1, so a supervisor restarts it; for
+    exit_delay_s before that, /health and every request answer 503 (load balancers see it)."""
+    import threading
+
     import uvicorn
 
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=drain_s,
@@ -611,7 +615,7 @@ def serve(sched: Scheduler, app: FastAPI, host: str, port: int, drain_s: float =
 
     def on_death(reason):
         died.append(reason)
-        server.should_exit = True
+        threading.Timer(exit_delay_s, lambda: setattr(server, "should_exit", True)).start()
 
     sched.on_death(on_death)
     try:
