@@ -4,16 +4,18 @@ The boundary is bubblewrap (`bwrap`, the namespace sandbox Flatpak uses), not Py
 written in Python can be undone from Python by one deliberate line, a kernel namespace cannot.
 docs/sandbox.md says what this guarantees and what it does not. In short, each call gets:
 
-- new user, PID, network, mount, IPC, UTS and cgroup namespaces; uid/gid 65534 inside, no
-  capabilities, no further user namespaces (`--disable-userns`), a new session (no TIOCSTI);
-- a file system holding only /usr (read-only), the base interpreter's prefix (read-only, so
-  not the venv, the project or $HOME), a fresh /proc and a minimal /dev (both read-only where
-  they could be written), and a private tmpfs at /tmp of `max_disk_bytes` as the one writable
-  place (the total disk quota); no /etc (so no /etc/shadow), an empty environment but PATH;
+- new user, PID, network, mount, IPC, UTS and cgroup namespaces; uid/gid 65534 inside (and
+  outside: as root, an outer bwrap builds the view, setpriv drops to 65534, and an inner bwrap
+  adds the user namespace), no capabilities, no further user namespaces, a new session;
+- a file system holding only /usr and the base interpreter's prefix (read-only; not the venv,
+  the project or $HOME), a fresh /proc and a read-only minimal /dev, and a private tmpfs at
+  /sandbox of `max_disk_bytes` as the one writable place (the total disk quota); no /etc (so
+  no /etc/shadow), an environment of PATH, TMPDIR and HOME only; Python runs with -I -S
+  (standard library only);
 - no network at all (loopback only, in its own namespace, so 127.0.0.1 is not the host's);
 - a pids and a memory limit on the whole tree: a cgroup where this machine lets us make one
-  (v1 or v2), and always rlimits set inside, after the uid change, where they bind (NPROC is
-  counted per user namespace, so it holds even where the outside uid is root);
+  (v1 or v2), and always rlimits (NPROC, AS, DATA, CPU, FSIZE) set by prlimit after the uid
+  change, where they bind (the kernel counts NPROC per user namespace and ignores it for root);
 - `--die-with-parent`, and at the timeout (or right after a normal exit) the outer bwrap is
   killed, which takes the PID namespace and so every descendant with it; the cgroup, if any,
   is emptied too. Output is read in the calling thread (no reader threads to leak) until EOF
