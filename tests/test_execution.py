@@ -298,10 +298,11 @@ UNDO = "import sys\nfor _m in ('posix', 'os', 'shutil'):\n    sys.modules.pop(_m
 
 @needs_sandbox
 @pytest.mark.parametrize("run", [bare, functools.partial(execution.execute_code)], ids=["guards-off", "guards-undone"])
-def test_escape_files_outside_are_neither_written_nor_deleted(tmp_path, run):
+def test_escape_files_outside_are_neither_written_nor_deleted(tmp_path, request, run):
     victim, new = tmp_path / "victim.txt", tmp_path / "new.txt"
     victim.write_text("keep")
     project_probe = Path(__file__).resolve().parent / f"escape-{uuid.uuid4().hex}"
+    request.addfinalizer(lambda: project_probe.unlink(missing_ok=True))  # only there if the sandbox failed
     code = UNDO + f"""
 report = []
 for what, act in [
@@ -485,8 +486,12 @@ print(n)
 
 
 @needs_sandbox
-def test_escape_disk_quota_and_read_only_system():
-    code = """
+def test_escape_disk_quota_and_read_only_system(request):
+    tag = uuid.uuid4().hex
+    outside = [f"/{tag}.bin", f"/dev/shm/{tag}.bin", f"/usr/{tag}.bin", f"/tmp/{tag}.bin"]
+    # only there if the sandbox failed
+    request.addfinalizer(lambda: [Path(p).unlink(missing_ok=True) for p in outside])
+    code = f"""
 import os
 out = []
 try:
@@ -497,17 +502,18 @@ try:
     out.append("a:FULL-WRITE")
 except OSError as e:
     out.append("a:" + os.strerror(e.errno))
-for path in ("/b.bin", "/dev/shm/b.bin", "/usr/b.bin", "/tmp/b.bin", "/proc/sys/kernel/core_pattern"):
+for path in {outside!r}:
     try:
         open(path, "wb").write(b"x")
-        out.append(path + ":WROTE")
+        out.append("WROTE")
     except OSError as e:
-        out.append(path + ":" + os.strerror(e.errno))
+        out.append(os.strerror(e.errno))
 print(" ".join(out))
 """
     r = bare(code, max_disk_bytes=4 * 2 ** 20, max_file_bytes=None)
     assert r.success, r.stderr
     assert r.stdout.startswith("a:No space left on device ") and "WROTE" not in r.stdout, r.stdout
+    assert not any(Path(p).exists() for p in outside)
 
 
 @needs_sandbox
