@@ -154,9 +154,8 @@ def one_line(e: BaseException) -> str:
         return f"{e.strerror}: {e.filename}"
     lines = str(e).strip().splitlines()
     text = lines[0] if lines else ""
-    # our own error types carry a message written for the user; others are named
-    if type(e).__module__.startswith("nanochat_jax") or isinstance(e, (ValueError, FileNotFoundError)) and text:
-        return text
+    if text and (type(e).__module__.startswith("nanochat_jax") or isinstance(e, ValueError)):
+        return text  # written for the user
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
@@ -178,7 +177,11 @@ def run_cli(main, argv=None) -> int:
     except Exception as e:
         if debug:
             raise
-        print(f"error: {one_line(e)} (rerun with --debug for the traceback)", file=sys.stderr)
+        import errno
+
+        # our own error types and a full disk say all there is to say; anything else may be a bug
+        known = type(e).__module__.startswith("nanochat_jax") or getattr(e, "errno", None) == errno.ENOSPC
+        print(f"error: {one_line(e)}" + ("" if known else " (rerun with --debug for the traceback)"), file=sys.stderr)
         return 1
     return out if isinstance(out, int) else 0
 

@@ -2,6 +2,7 @@
 two processes, and clear errors."""
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,6 +18,8 @@ import pytest
 
 from helpers import communicate_all, torch
 
+from nanochat_jax.checkpoint import Checkpointer
+from nanochat_jax.common import run_cli
 from nanochat_jax.report import read_metrics
 from nanochat_jax.tokenizer import Tokenizer
 from train import base_train
@@ -167,3 +170,80 @@ def test_clear_errors(data, tmp_path):
         base_train.main(argv(data, tmp_path / "r3", "--num-iterations", "2", "--mesh", "data=2,model=4"))
     with pytest.raises(SystemExit, match="not a multiple of one micro-step"):
         base_train.main(argv(data, tmp_path / "r2", "--num-iterations", "2", "--total-batch-size", "500"))
+
+
+# ---- runs that are never mixed, lost or silently corrupted ---------------------------------------
+
+from test_checkpoint import _biggest_data_file, _flip_byte, tiny_disk  # noqa: E402,F401
+
+
+def _meta(out, step):
+    with Checkpointer(out / "checkpoints", read_only=True) as ckpt:
+        return ckpt.read_meta(step)
+
+
+def test_a_directory_holds_one_run(data, tmp_path):
+    out = tmp_path / "run"
+    common = ("--num-iterations", "2", "--eval-every", "-1")
+    base_train.main(argv(data, out, *common))
+    first = losses(out)
+    with pytest.raises(SystemExit, match=r"already holds a run \(checkpoints at steps \[2\]\); continue it with "
+                                         r"--resume, move it aside with --overwrite, or choose another --out-dir"):
+        base_train.main(argv(data, out, *common, "--seed", "1"))
+    base_train.main(argv(data, out, *common, "--seed", "1", "--overwrite"))
+    (old,) = tmp_path.glob("run.replaced-*")
+    assert (old / "checkpoints" / "2" / "commit_success.txt").is_file() and losses(old) == first
+    second = read_metrics(out / "metrics.jsonl")
+    assert sorted(r["step"] for r in second if "train/loss_raw" in r) == [0, 1]  # only the new run's lines
+    assert losses(out) != first and _meta(out, 2)["user_config"]["seed"] == 1
+
+
+def test_resume_falls_back_past_a_corrupt_checkpoint(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--num-iterations", "4", "--save-every", "2", "--eval-every", "-1"]
+    base_train.main(argv(data, out, *common))
+    before, time2 = losses(out), _meta(out, 2)["loop_state"]["total_training_time"]
+    _flip_byte(_biggest_data_file(out / "checkpoints" / "4"))
+    capsys.readouterr()
+    base_train.main(argv(data, out, *common, "--resume"))
+    log = capsys.readouterr().out
+    assert re.search(r"warning: checkpoint step 4 in \S+ is corrupt: 1 of \d+ arrays fail their checksum .*; "
+                     r"falling back to step 2\n", log), log
+    assert "resumed from step 2" in log and len(list((out / "checkpoints").glob("4.corrupt-*"))) == 1
+    runs = [r["step"] for r in read_metrics(out / "metrics.jsonl") if "train/loss_raw" in r]
+    assert runs == [0, 1, 2, 3, 2, 3]  # resumed at 2, not restarted
+    assert losses(out) == before  # and bit for bit the same steps
+    assert _meta(out, 4)["loop_state"]["total_training_time"] >= time2  # carried across the resume
+    base_train.main(argv(data, out, *common, "--resume-step", "2"))  # go back on purpose: step 4 is moved aside
+    assert "moved step 4 (after the resumed step 2)" in capsys.readouterr().out
+    assert len(list((out / "checkpoints").glob("4.superseded-*"))) == 1 and _meta(out, 4)["step"] == 4
+
+
+def test_sigterm_saves_a_final_checkpoint_that_resumes(data, tmp_path):
+    out = tmp_path / "run"
+    p = _run_cli(argv(data, out, "--num-iterations", "5000", "--eval-every", "-1"), env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    seen = []
+    for line in p.stdout:
+        seen.append(line)
+        if line.startswith("step 00003/"):
+            p.send_signal(signal.SIGTERM)
+            break
+    rest = p.communicate(timeout=120)[0]
+    assert p.returncode == 128 + signal.SIGTERM, rest[-3000:]
+    assert "Traceback" not in rest
+    m = re.search(r"^stopped by SIGTERM at step (\d+); checkpoint step \1 is in (\S+); continue with --resume$",
+                  rest, re.M)
+    assert m, rest[-3000:]
+    step = int(m[1])
+    assert 4 <= step < 5000 and (out / "checkpoints" / str(step) / "commit_success.txt").is_file()
+    assert re.search(r"tok/sec: [\d,]+ .*\| eta: [\d.]+m$", seen[-1].strip()), seen[-1]  # non-TTY progress
+    base_train.main(argv(data, out, "--num-iterations", str(step + 2), "--eval-every", "-1", "--resume"))
+    assert sorted(losses(out))[-2:] == [step, step + 1]
+
+
+def test_disk_full_is_one_line(data, tiny_disk, capsys):
+    rc = run_cli(base_train.main, argv(data, tiny_disk / "run", "--num-iterations", "2", "--eval-every", "-1"))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith(("error", "Traceback"))]
+    assert rc == 1 and len(err) == 1, err
+    assert re.fullmatch(r"error: disk full: checkpoint step 2 needs about [\d.]+ MB but \S+ has [\d.]+ MB free; "
+                        r"no earlier checkpoint exists", err[0]), err[0]
