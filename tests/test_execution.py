@@ -279,9 +279,14 @@ def test_sandbox_identity_and_view():
              "print(open('/proc/self/status').read().split('CapEff:')[1].split()[0])\n"
              f"print([p for p in ({str(Path(__file__).resolve().parents[1] / 'pyproject.toml')!r}, "
              f"'/etc/shadow', '/etc/passwd', {execution.sys.prefix + '/pyvenv.cfg'!r}) if os.path.exists(p)])\n"
-             f"print(sorted(os.listdir({home!r})) if os.path.isdir({home!r}) else [])")
+             f"print(sorted(os.listdir({home!r})) if os.path.isdir({home!r}) else [])\n"
+             "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nothers = [int(p) for p in os.listdir('/proc')"
+             " if p.isdigit() and int(p) != os.getpid()]\n"
+             "print(len(others), [libc.ptrace(16, p, 0, 0) for p in others])")  # PTRACE_ATTACH the launchers
     assert r.success and r.sandboxed, r.stderr
-    ids, uid_map, caps, visible, home_listing = r.stdout.splitlines()
+    ids, uid_map, caps, visible, home_listing, launchers = r.stdout.splitlines()
+    n, attached = launchers.split(" ", 1)
+    assert int(n) <= 2 and set(eval(attached)) == {-1}  # only bwrap's own processes, none traceable
     assert ids == f"{SANDBOX_UID} {SANDBOX_UID} True sandbox"
     if os.geteuid() == 0 and SANDBOX.nested:
         assert eval(uid_map)[1] == str(SANDBOX_UID)  # nobody outside too, not root
