@@ -12,7 +12,8 @@
 # downloaded once to $NANOCHAT_JAX_HOME, default ~/.cache/nanochat-jax). For several nodes use
 # runs/gpu_multinode.sh's variables (COORDINATOR, NUM_NODES, NODE_RANK) with the same stages;
 # on TPU pods runs/tpu_pod.sh STAGE=speedrun runs this script on every worker.
-# Knobs: DEPTH, MESH, DEVICE_BATCH, SHARDS, RATIO (param:data ratio), RL, SKIP_SETUP, PYTHON.
+# Knobs: DEPTH, MESH, DEVICE_BATCH, SHARDS, RATIO (param:data ratio), RL, SKIP_SETUP, PYTHON,
+# UNSAFE_EXEC=1 (let ChatCORE's HumanEval run model code without the bubblewrap sandbox, docs/sandbox.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export NANOCHAT_JAX_HOME=${NANOCHAT_JAX_HOME:-$HOME/.cache/nanochat-jax}
@@ -27,7 +28,13 @@ run() { echo "+ $*"; [ "${DRY_RUN:-0}" = 1 ] || "$@"; }
 bg() { echo "+ $* &"; [ "${DRY_RUN:-0}" = 1 ] || { "$@" & }; }
 if [ "${DRY_RUN:-0}" != 1 ] && [ "${SKIP_SETUP:-0}" != 1 ]; then
   NANOCHAT_EXTRAS=${NANOCHAT_EXTRAS:-gpu} bash runs/setup.sh
+  # chat_eval refuses to run HumanEval's model-written code without the sandbox: install it where we can
+  if ! command -v bwrap >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    { apt-get install -y -qq bubblewrap || { apt-get update -qq && apt-get install -y -qq bubblewrap; }; } >/dev/null 2>&1 \
+      || echo "bubblewrap install failed: chat_eval will refuse HumanEval unless UNSAFE_EXEC=1" >&2
+  fi
 fi
+UNSAFE_FLAG=$([ "${UNSAFE_EXEC:-0}" = 1 ] && echo --unsafe-exec || true)
 
 echo "== data and tokenizer =="
 run "$PY" -m nanochat_jax.data.dataset -n 8
@@ -44,7 +51,7 @@ run "$PY" -m train.base_eval --checkpoint "$NANOCHAT_JAX_HOME/base_checkpoints/$
 
 echo "== SFT =="
 run "$PY" -m train.sft --base-dir "$NANOCHAT_JAX_HOME/base_checkpoints/$TAG" --mesh "$MESH" --model-tag "$TAG"
-run "$PY" -m train.chat_eval -i sft --out "$NANOCHAT_JAX_HOME/chatsft_checkpoints/$TAG/chat_eval.json"
+run "$PY" -m train.chat_eval -i sft $UNSAFE_FLAG --out "$NANOCHAT_JAX_HOME/chatsft_checkpoints/$TAG/chat_eval.json"
 
 if [ "${RL:-0}" = 1 ]; then
   echo "== RL =="
