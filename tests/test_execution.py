@@ -540,6 +540,16 @@ print("all exited normally" if not any(statuses) else statuses)
     assert r.memory_exceeded and "all exited normally" not in r.stdout, r
 
 
+@needs_sandbox
+def test_concurrent_executions_keep_their_own_output_and_limits():
+    """RL rewards may run programs from several threads: each gets its own sandbox, cgroup and output."""
+    from concurrent.futures import ThreadPoolExecutor
+    code = "import os\nopen('mine', 'w').write('{i}')\nprint('{i}', sorted(os.listdir('.')), open('mine').read())"
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda i: bare(code.format(i=i)), range(8)))
+    assert [r.stdout for r in results] == [f"{i} ['mine'] {i}\n" for i in range(8)]
+
+
 # ----------------------------------------------------------------------------- refusing without a sandbox
 
 
