@@ -18,7 +18,9 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import secrets
+import signal
 import sys
 import time
 import uuid
@@ -618,14 +620,25 @@ def serve(sched: Scheduler, app: FastAPI, host: str, port: int, drain_s: float =
         threading.Timer(exit_delay_s, lambda: setattr(server, "should_exit", True)).start()
 
     sched.on_death(on_death)
+    # uvicorn handles SIGTERM/SIGINT while it runs and re-raises them after its shutdown;
+    # these no-op handlers receive that re-raise, so the scheduler is closed and the exit
+    # code is ours (0 after a drain, 1 after a dead loop) rather than death by signal.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     try:
         server.run()
     finally:
         sched.close(timeout=drain_s)
+    code = 0
     if died:
         print(f"error: {died[0]}; exiting", file=sys.stderr, flush=True)
-        return 1
-    return 0
+        code = 1
+    if sched._thread.is_alive():  # stuck in a long device call or compile: do not wait for it
+        print("decode loop still busy in a device call; exiting without waiting for it", file=sys.stderr,
+              flush=True)
+        sys.stdout.flush()
+        os._exit(code)  # interpreter shutdown under a running XLA call aborts the process
+    return code
 
 
 def main(argv=None):

@@ -453,3 +453,260 @@ def test_load_orbax_params(tmp_path):
     assert jax.tree.structure(params) == jax.tree.structure(state.params)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ---- robustness: nothing a request carries can stop the loop ----------------------------------------
+
+def _wild():
+    from hypothesis import strategies as st
+
+    edge_ints = st.sampled_from([0, -1, 1, 2**31, 2**32, 2**53 + 1, 2**63 - 1, 2**63, 2**64 - 1, 2**64, -2**63 - 1,
+                                 10**30, -10**30])
+    scalar = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), edge_ints,
+                       st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=6))
+    return st.one_of(scalar, st.lists(scalar, max_size=3), st.dictionaries(st.text(max_size=4), scalar, max_size=2))
+
+
+def _request_strategy():
+    """Request bodies whose every field may hold an extreme or wrongly typed value."""
+    from hypothesis import strategies as st
+
+    wild = _wild()
+    part = st.one_of(st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=20)}),
+                     st.fixed_dictionaries({"type": st.sampled_from(["image_url", "text", "input_audio"])},
+                                           optional={"text": wild, "image_url": wild}))
+    message = st.fixed_dictionaries(
+        {"role": st.one_of(st.sampled_from(["system", "developer", "user", "assistant", "tool"]), wild),
+         "content": st.one_of(st.text(max_size=40), st.lists(part, max_size=3), wild)},
+        optional={"name": wild, "tool_calls": wild})
+    messages = st.one_of(st.just(MSGS), st.just(MSGS[1:]), st.lists(message, max_size=3), wild)
+    bias = st.dictionaries(st.one_of(st.sampled_from(["0", "264", "265", "-1", "99999999999999999999", "²", " 7"]),
+                                     st.text(max_size=4)),
+                           st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-10**6, 10**6)),
+                           max_size=3)
+    fields = ["model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "n", "seed", "stop",
+              "stream", "stream_options", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty",
+              "response_format", "user", "tools", "unknown_field"]
+    return st.fixed_dictionaries({"messages": messages},
+                                 optional={**{f: wild for f in fields}, "logit_bias": st.one_of(bias, wild),
+                                           "max_tokens": st.one_of(st.integers(1, 12), wild),
+                                           "stream": st.booleans()})
+
+
+def test_no_request_field_value_makes_a_5xx_or_stops_the_server(server, rand_engine):
+    """A hypothesis strategy over the request schema (every field extreme or wrongly typed, JSON
+    with NaN/Infinity, 64-bit+ integers) against a live server: never a 5xx, always an
+    OpenAI-shaped error, and afterwards the loop is alive and answers."""
+    from hypothesis import HealthCheck, given, settings
+
+    sched = Scheduler(rand_engine, slots=4, steps_per_call=1)
+    url = server(create_app(sched, "tiny"))
+    statuses = []
+
+    @settings(max_examples=120, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(_request_strategy())
+    def check(body):
+        data = json.dumps(body, allow_nan=True)
+        with httpx.stream("POST", f"{url}/v1/chat/completions", content=data, timeout=60,
+                          headers={"content-type": "application/json"}) as r:
+            raw = r.read().decode()
+        statuses.append(r.status_code)
+        assert r.status_code in (200, 400), (r.status_code, raw, data)
+        if r.status_code == 400:
+            err = json.loads(raw)["error"]
+            assert err["message"] and err["type"] == "invalid_request_error"
+        elif r.headers["content-type"].startswith("text/event-stream"):
+            assert raw.rstrip().endswith("data: [DONE]") and '"error"' not in raw
+        else:
+            assert json.loads(raw)["object"] == "chat.completion"
+
+    try:
+        check()
+        assert sched.alive and httpx.get(f"{url}/health").json()["status"] == "ok"
+        ok = httpx.post(f"{url}/v1/chat/completions", json={"messages": MSGS, "max_tokens": 3}, timeout=30)
+        assert ok.status_code == 200
+        assert 200 in statuses and 400 in statuses  # both kinds of bodies were generated
+    finally:
+        sched.close()
+
+
+def test_scheduler_checks_ranges_and_fails_one_request_only(rand_engine):
+    """Out-of-range values raise at submit; a request whose host-side handling fails (here its
+    output filter) ends alone with an error while the loop serves the next one."""
+    sched = Scheduler(rand_engine, slots=2)
+    prompt = TOK.render_for_completion({"messages": MSGS})
+    try:
+        for bad in (dict(seed=2**64), dict(seed=-2**63 - 1), dict(temperature=float("nan")), dict(top_k=10**9),
+                    dict(n=3), dict(max_tokens=0), dict(top_p=0.0), dict(logit_bias={10**6: 1.0}),
+                    dict(logit_bias={5: float("inf")}), dict(presence_penalty=3.0), dict(top_logprobs=21),
+                    dict(max_tokens=True)):
+            with pytest.raises(ValueError):
+                sched.submit(Request(prompt, print, **{"max_tokens": 4, **bad}))
+        with pytest.raises(ValueError):
+            sched.submit(Request([10**9], print, max_tokens=4))
+
+        class Broken:
+            def feed(self, text, final=False):
+                raise RuntimeError("filter bug")
+
+        done, req = threading.Event(), Request(prompt, lambda ev: ev is None and done.set(), max_tokens=8,
+                                               output_guard=Broken)
+        sched.submit(req)
+        assert done.wait(30) and "filter bug" in req.error
+        assert sched.alive and run_sync(sched, prompt, max_tokens=4, temperature=0.0)[1] == ["length"]
+        assert sched.busy_slots() == 0
+    finally:
+        sched.close()
+
+
+def test_64_bit_seeds_are_honoured(rand_sched):
+    """Seeds that differ only above bit 32 sample differently; the same seed repeats."""
+    prompt = TOK.render_for_completion({"messages": MSGS})
+    kw = dict(max_tokens=24, temperature=1.0)
+    lo, hi, top = (run_sync(rand_sched, prompt, seed=s, **kw) for s in (7, 7 + 2**40, 2**64 - 1))
+    assert lo != hi and run_sync(rand_sched, prompt, seed=7 + 2**40, **kw) == hi
+    assert run_sync(rand_sched, prompt, seed=-1, **kw) == top  # negative seeds wrap like two's complement
+    assert run_sync(rand_sched, prompt, seed=7, **kw) == run_sync(rand_sched, prompt, seed=7, **kw)
+
+
+SERVE_SCRIPT = """
+import os, sys, time
+sys.path.insert(0, "tests")
+from test_serve import chain_engine
+from serve import app as A, scheduler as S
+real, calls, fail_after = S.E.generate_step, [0], int(os.environ.get("FAIL_AFTER", "0"))
+def step(*a, **k):
+    time.sleep(0.02)
+    calls[0] += 1
+    if fail_after and calls[0] >= fail_after:
+        raise RuntimeError("simulated device failure")
+    return real(*a, **k)
+S.E.generate_step = step
+sched = S.Scheduler(chain_engine("ab", loop=True), slots=2)
+sys.exit(A.serve(sched, A.create_app(sched, "loop"), "127.0.0.1", int(sys.argv[1]),
+                 drain_s=float(os.environ.get("DRAIN", "5")), exit_delay_s=1.0))
+"""
+
+
+def _spawn(env):
+    import os
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-c", SERVE_SCRIPT, str(port)], cwd=root,
+                            env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        assert time.time() < deadline, "server did not start"
+        time.sleep(0.2)
+
+
+def test_dead_loop_gives_503_and_the_process_exits_nonzero():
+    proc, url = _spawn({"FAIL_AFTER": "5"})
+    try:
+        r = httpx.post(f"{url}/v1/chat/completions", json={"messages": MSGS, "max_tokens": 50}, timeout=60)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
+        assert "simulated device failure" in r.json()["error"]["message"]
+        h = httpx.get(f"{url}/health", timeout=5)
+        assert h.status_code == 503 and h.json()["error"]["type"] == "server_error"
+        again = httpx.post(f"{url}/v1/chat/completions", json={"messages": MSGS}, timeout=5)
+        assert again.status_code == 503 and again.headers["content-type"] == "application/json"
+        assert proc.wait(timeout=20) == 1
+        assert "decode loop died" in proc.communicate()[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_sigterm_drains_then_exits():
+    """SIGTERM: a stream that fits in the drain time finishes; a longer one is cut at the drain
+    limit; the process exits 0 within a few seconds instead of hanging."""
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    proc, url = _spawn({"DRAIN": "1.5"})
+
+    def stream(max_tokens, started):
+        body = {"messages": MSGS, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+        lines = []
+        try:
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as r:
+                for line in r.iter_lines():
+                    lines.append(line)
+                    if sum('"content": "a' in x or '"content": "b' in x for x in lines) >= 3:
+                        started.set()  # decode steps run: compiling is over
+        except httpx.HTTPError:
+            pass
+        return lines
+
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            events = [threading.Event(), threading.Event()]
+            short, long = pool.submit(stream, 20, events[0]), pool.submit(stream, 100, events[1])
+            assert events[0].wait(60) and events[1].wait(60)
+            t0 = time.time()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=15) == 0
+            took = time.time() - t0
+            short, long = short.result(), long.result()
+        assert took < 6, took
+        assert short[-2:] == ["data: [DONE]", ""] or short[-1] == "data: [DONE]"
+        assert "data: [DONE]" not in long  # ~2 s of tokens left when the 1.5 s drain ran out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_non_streaming_disconnect_frees_slot(server, monkeypatch):
+    real_step = engine.generate_step
+
+    def slow_step(*a, **kw):
+        time.sleep(0.03)
+        return real_step(*a, **kw)
+
+    monkeypatch.setattr(sched_mod.E, "generate_step", slow_step)
+    sched = Scheduler(chain_engine("ab", loop=True), slots=2)
+    run_sync(sched, [SP["<|assistant_start|>"]], max_tokens=3)
+    url = server(create_app(sched, "loop"))
+    try:
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up (closes the connection) after 0.5 s
+            httpx.post(f"{url}/v1/chat/completions", json={"messages": MSGS, "max_tokens": 100, "temperature": 0},
+                       timeout=httpx.Timeout(10, read=0.5))
+        t0 = time.time()
+        while sched.busy_slots() and time.time() - t0 < 1:
+            time.sleep(0.01)
+        assert sched.busy_slots() == 0 and time.time() - t0 < 0.5  # the rest would take ~2.5 s
+    finally:
+        sched.close()
+
+
+def test_first_request_after_warmup_is_not_slower(server, rand_engine):
+    """After warmup, the first HTTP request takes at most 2x the median of later ones."""
+    import statistics
+
+    sched = Scheduler(rand_engine, slots=3, steps_per_call=2)  # the shapes test_warmup_... compiles
+    sched.warmup()
+    url = server(create_app(sched, "tiny"))
+    body = {"messages": [{"role": "user", "content": "what is the time?"}], "max_tokens": 16, "temperature": 0.7,
+            "top_k": 20, "logprobs": True, "top_logprobs": 2}
+    try:
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).status_code == 200
+            times.append(time.perf_counter() - t0)
+        assert times[0] <= 2 * statistics.median(times[1:]), times
+    finally:
+        sched.close()
