@@ -210,7 +210,7 @@ def test_errors(sft_setup, tmp_path):
     d, _ = sft_setup
     common = ["--tokenizer-dir", str(d / "tok"), "--out-dir", str(tmp_path / "o"), "--val-mixture", "none",
               "--chatcore-every", "-1"]
-    with pytest.raises(SystemExit, match="no base run|no complete checkpoint"):
+    with pytest.raises(SystemExit, match="no checkpoint directory .*nothing$"):
         sft.main(["--base-dir", str(tmp_path / "nothing"), "--mixture", f"jsonl={d / 'convs.jsonl'}", *common])
     with pytest.raises(SystemExit, match="unknown task"):
         sft.main(["--base-dir", str(d / "base"), "--mixture", "wikipedia", *common])
@@ -239,17 +239,25 @@ def test_mixture_strings(tmp_path):
             parse_entry(bad, tmp_path)
 
 
-def test_resume_is_exact(sft_setup, tmp_path):
-    """A run resumed from its step-3 checkpoint logs the same losses at steps 3-5 as one that never stopped."""
+def test_resume_is_exact(sft_setup, tmp_path, monkeypatch):
+    """A run resumed from its step-3 checkpoint logs the same losses at steps 3-5 as one that never stopped;
+    the base run is only read (no writability probe there), and an output dir holds one run."""
     import shutil
 
+    from nanochat_jax import checkpoint
     from nanochat_jax.report import read_metrics
 
+    probed = []
+    probe = checkpoint._check_writable
+    monkeypatch.setattr(checkpoint, "_check_writable", lambda d: (probed.append(d), probe(d)))
     d, _ = sft_setup
     common = ["--base-dir", str(d / "base"), "--tokenizer-dir", str(d / "tok"), "--mixture", f"jsonl={d / 'convs.jsonl'}",
               "--val-mixture", "none", "--chatcore-every", "-1", "--num-iterations", "6", "--max-seq-len", "32"]
     sft.main([*common, "--out-dir", str(tmp_path / "a")])
     sft.main([*common, "--out-dir", str(tmp_path / "b"), "--save-every", "3"])
+    assert probed and not any(str(d / "base") in p for p in probed), probed
+    with pytest.raises(SystemExit, match=r"already holds a run \(checkpoints at steps \[3, 6\]\)"):
+        sft.main([*common, "--out-dir", str(tmp_path / "b")])
     shutil.rmtree(tmp_path / "b" / "checkpoints" / "6")  # as if the run had died after step 3's save
     sft.main([*common, "--out-dir", str(tmp_path / "b"), "--resume"])
     losses = {}

@@ -9,6 +9,9 @@ packed best-fit into rows with BOS padding, one epoch. Sequence length, batch si
 raw LRs are inherited from the base run; the optimizer state (momenta, Adam moments) is
 warm-started from it, with LRs × --init-lr-frac and no weight decay. LR is flat for the first
 half of the epoch, then linear to 0.
+
+Run directories, resume (with fallback past corrupt checkpoints), stop signals and input checks
+behave as in base_train (docs/training.md); the base run is only read, never written.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,15 +29,16 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from nanochat_jax import flops, optim, sharding
-from nanochat_jax.checkpoint import Checkpointer, abstract_train_state, checkpoint_dir, newest_run
-from nanochat_jax.common import mfu, peak_flops, resolve_dtype, tune_malloc
+from nanochat_jax import attention, flops, optim, sharding
+from nanochat_jax.checkpoint import (COMMIT_MARKER, Checkpointer, CheckpointError, CheckpointMismatchError, RunDirError,
+                                     abstract_train_state, checkpoint_dir, newest_run, prepare_run_dir)
+from nanochat_jax.common import DTYPES, StopSignals, mfu, peak_flops, resolve_dtype, run_cli, tune_malloc
 from nanochat_jax.config import GPTConfig
 from nanochat_jax.data.dataset import home_dir
 from nanochat_jax.data.sft import SFTPackIterDataset, sft_lr_multiplier
 from nanochat_jax.engine import Engine
 from nanochat_jax.evals.bpb import evaluate_bpb
-from nanochat_jax.report import LossEMA, RunLogger, format_step_line, write_report
+from nanochat_jax.report import LossEMA, RunLogger, StepTimer, format_step_line, write_report
 from nanochat_jax.tasks.spec import parse_mixture
 from nanochat_jax.tokenizer import Tokenizer
 from nanochat_jax.train_step import TrainState, init_train_state, make_train_step
@@ -71,15 +76,56 @@ def parse_args(argv=None):
     a("--chatcore-max-cat", type=int, default=-1, help="categorical problems per task (-1: all)")
     a("--chatcore-max-sample", type=int, default=24, help="generative problems per task")
     a("--task-data-dir", default=None, help="local task data: DIR/<task>/, e.g. DIR/gsm8k/ (see nanochat_jax/tasks/spec.py)")
-    a("--save-every", type=int, default=-1)
-    a("--resume", action="store_true", help="continue from the latest complete checkpoint in --out-dir")
+    a("--save-every", type=int, default=-1, help="checkpoint cadence in steps (<= 0: only at the end)")
+    a("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept (>= 1; the final one always is)")
+    a("--resume", action="store_true", help="continue from the latest intact checkpoint in --out-dir")
+    a("--resume-step", type=int, default=None, help="continue from this step (implies --resume)")
+    a("--overwrite", action="store_true", help="move a run already in --out-dir aside to <out-dir>.replaced-<time>")
+    a("--debug", action="store_true", help="tracebacks instead of one-line errors")
     a("--model-tag", default=None)
     a("--mesh", default="data=-1")
     a("--dtype", default=None)
     a("--attention", default="auto")
     a("--tokenizer-dir", default=None)
     a("--out-dir", default=None, help="default $NANOCHAT_JAX_HOME/chatsft_checkpoints/<tag>")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.resume_step is not None:
+        args.resume = True
+    return args
+
+
+def check_args(args) -> None:
+    """Ranges, before anything is read or created (ValueError)."""
+    def need(ok, msg):
+        if not ok:
+            raise ValueError(msg)
+    need(args.num_iterations == -1 or args.num_iterations >= 1,
+         f"--num-iterations must be >= 1, or -1 for one epoch; got {args.num_iterations}")
+    for name in ("max_seq_len", "device_batch_size", "total_batch_size"):
+        v = getattr(args, name)
+        need(v is None or v >= 1, f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    need(args.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {args.keep_checkpoints}")
+    for name in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr", "init_lr_frac"):
+        v = getattr(args, name)
+        need(v is None or v >= 0, f"--{name.replace('_', '-')} must be >= 0, got {v}")
+    for name in ("warmdown_ratio", "final_lr_frac"):
+        need(0 <= getattr(args, name) <= 1, f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    need(args.load_optimizer in (0, 1), f"--load-optimizer must be 0 or 1, got {args.load_optimizer}")
+    need(args.base_step is None or args.base_step >= 0, f"--base-step must be >= 0, got {args.base_step}")
+    need(args.resume_step is None or args.resume_step >= 0, f"--resume-step must be >= 0, got {args.resume_step}")
+    need(args.dtype is None or args.dtype in DTYPES, f"--dtype {args.dtype!r} is not one of {sorted(DTYPES)}")
+    need(not (args.resume and args.overwrite), "--resume and --overwrite contradict each other: pick one")
+    if args.nanochat is not None:
+        need(Path(args.nanochat).is_dir(), f"--nanochat {args.nanochat} is not a directory")
+
+
+def base_checkpoint_dir(args) -> Path:
+    """The base run's checkpoint directory, which must hold a complete step (checked without reading arrays)."""
+    base_dir = Path(args.base_dir) if args.base_dir else Path(newest_run(home_dir() / "base_checkpoints"))
+    ckpt_dir = Path(checkpoint_dir(base_dir))
+    with Checkpointer(ckpt_dir, read_only=True) as ckpt:
+        ckpt.read_meta(args.base_step)
+    return ckpt_dir
 
 
 def load_base(args, mesh, tx_for, dtype):
@@ -92,29 +138,26 @@ def load_base(args, mesh, tx_for, dtype):
         config = dataclasses.replace(config, sequence_len=inherited["max_seq_len"])
         tx = tx_for(config, inherited)
         return init_train_state(config, tx, mesh, jax.random.key(0), dtype, params=params), config, meta, inherited, tx
-    try:
-        base_dir = Path(args.base_dir) if args.base_dir else Path(newest_run(home_dir() / "base_checkpoints"))
-    except FileNotFoundError as e:
-        raise SystemExit(f"error: {e}; train a base model (python -m train.base_train) or pass --base-dir") from None
-    ckpt_dir = checkpoint_dir(base_dir)
-    with Checkpointer(ckpt_dir, async_save=False) as ckpt:
+    ckpt_dir = Path(args.base_ckpt_dir)
+    with Checkpointer(ckpt_dir, read_only=True) as ckpt:  # read only: SFT never writes into the base run
         try:
             meta = ckpt.read_meta(args.base_step)
-        except FileNotFoundError as e:
-            raise SystemExit(f"error: {e}") from None
-        inherited = _inherit(args, meta, meta.get("user_config", {}))
-        config = dataclasses.replace(GPTConfig.from_dict(meta["model_config"]), sequence_len=inherited["max_seq_len"])
-        tx = tx_for(config, inherited)
-        if args.load_optimizer:
-            try:
-                state, _ = ckpt.restore(args.base_step, target=abstract_train_state(config, tx, mesh, dtype))
-            except (ValueError, KeyError) as e:
-                raise SystemExit(f"error: cannot warm-start the optimizer from {ckpt_dir} ({e}); the base run "
-                                 "probably used another --optimizer: pass --load-optimizer 0") from None
-            state = TrainState(state.params, _restart_muon_count(state.opt_state))
-        else:
-            tree, _ = ckpt.restore_state_tree(args.base_step)
-            state = init_train_state(config, tx, mesh, jax.random.key(0), dtype, params=tree["params"])
+            inherited = _inherit(args, meta, meta.get("user_config", {}))
+            config = dataclasses.replace(GPTConfig.from_dict(meta["model_config"]),
+                                         sequence_len=inherited["max_seq_len"])
+            tx = tx_for(config, inherited)
+            if args.load_optimizer:
+                try:
+                    state, meta = ckpt.restore(args.base_step, target=abstract_train_state(config, tx, mesh, dtype))
+                except (CheckpointMismatchError, KeyError) as e:
+                    raise SystemExit(f"error: cannot warm-start the optimizer from {ckpt_dir} ({e}); the base run "
+                                     "probably used another --optimizer: pass --load-optimizer 0") from None
+                state = TrainState(state.params, _restart_muon_count(state.opt_state))
+            else:
+                tree, meta = ckpt.restore_state_tree(args.base_step)
+                state = init_train_state(config, tx, mesh, jax.random.key(0), dtype, params=tree["params"])
+        except CheckpointError as e:
+            raise SystemExit(f"error: cannot load the base model: {e}") from None
     print(f"base: {ckpt_dir} step {meta['step']}")
     return state, config, meta, inherited, tx
 
@@ -140,19 +183,49 @@ def _restart_muon_count(opt_state):
 
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     tune_malloc()  # before the backend starts: reuse freed host memory (common.tune_malloc)
     sharding.initialize_distributed()  # multi-host: flags via NANOCHAT_COORDINATOR etc. (runs/gpu_multinode.sh)
     jax.config.update("jax_compilation_cache_dir", str(home_dir() / "jax_cache"))
     main_proc = sharding.is_main_process()
     say = print if main_proc else (lambda *a, **k: None)
-    dtype = resolve_dtype(args.dtype)
-    tok = Tokenizer.load(Path(args.tokenizer_dir) if args.tokenizer_dir else home_dir() / "tokenizer")
+    # cheap checks first (tokenizer, base checkpoint, run dir), then the task data (may download)
     try:
+        dtype = resolve_dtype(args.dtype)
+        if args.attention != "auto":
+            attention.resolve_backend(args.attention, dtype)
+        tok = Tokenizer.load(Path(args.tokenizer_dir) if args.tokenizer_dir else home_dir() / "tokenizer")
+        args.base_ckpt_dir = None if args.nanochat else str(base_checkpoint_dir(args))
+        out_dir = Path(args.out_dir) if args.out_dir else None
+        if out_dir is None and args.base_ckpt_dir is not None:
+            with Checkpointer(args.base_ckpt_dir, read_only=True) as ckpt:
+                depth = GPTConfig.from_dict(ckpt.read_meta(args.base_step)["model_config"]).n_layer
+            out_dir = home_dir() / "chatsft_checkpoints" / (args.model_tag or f"d{depth}")
+        moved = prepare_run_dir(out_dir, resume=args.resume, overwrite=args.overwrite) if out_dir else None
         mesh = sharding.make_mesh(args.mesh)
         train_tasks = parse_mixture(args.mixture, args.task_data_dir)
         val_tasks = None if args.val_mixture == "none" else parse_mixture(args.val_mixture, args.task_data_dir)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        raise SystemExit(f"error: {e}") from None
+    except (ValueError, FileNotFoundError, OSError, RunDirError, CheckpointError) as e:
+        hint = "; train a base model (python -m train.base_train) or pass --base-dir" if (
+            "no run with a checkpoints/" in str(e)) else ""
+        raise SystemExit(f"error: {e}{hint}") from None
+    if moved:
+        say(f"moved the previous run in {out_dir} to {moved}")
+    created = out_dir is not None and not out_dir.exists()
+    try:
+        with StopSignals() as stop:
+            return _train(args, tok, dtype, mesh, train_tasks, val_tasks, main_proc, say, out_dir, stop)
+    except BaseException:
+        if created and main_proc and not any(out_dir.glob(f"checkpoints/*/{COMMIT_MARKER}")):
+            shutil.rmtree(out_dir, ignore_errors=True)  # a run that failed before its first checkpoint leaves nothing
+        raise
+
+
+def _train(args, tok, dtype, mesh, train_tasks, val_tasks, main_proc, say, out_dir, stop):
+    from train.base_train import resume, stop_with_checkpoint
 
     def tx_for(config, inh):
         f = args.init_lr_frac  # every group, the fixed-LR scalars included, as upstream's loop over param_groups
@@ -170,7 +243,9 @@ def main(argv=None):
                          f"({rows} rows x {T} tokens); change --total-batch-size or --device-batch-size")
     grad_accum = inh["total_batch_size"] // (rows * T)
     tag = args.model_tag or f"d{config.n_layer}"
-    out_dir = Path(args.out_dir) if args.out_dir else home_dir() / "chatsft_checkpoints" / tag
+    if out_dir is None:  # --nanochat without --out-dir: the tag is known only now
+        out_dir = home_dir() / "chatsft_checkpoints" / tag
+        prepare_run_dir(out_dir, resume=args.resume, overwrite=args.overwrite)
     say(f"sft: {len(train_tasks):,} conversations, T={T}, {rows} rows x {grad_accum} micro-steps per step, "
         f"LRs {json.dumps({k: inh[k] for k in ('embedding_lr', 'unembedding_lr', 'matrix_lr')})} x {args.init_lr_frac}")
 
@@ -200,15 +275,13 @@ def main(argv=None):
         chat_tasks = load_chatcore_tasks(args, say)
 
     try:
-        ckpt = Checkpointer(out_dir / "checkpoints", max_to_keep=2)
+        ckpt = Checkpointer(out_dir / "checkpoints", max_to_keep=args.keep_checkpoints)
     except OSError as e:
         raise SystemExit(f"error: cannot write the run directory {out_dir}: {e}") from None
     step, val_bpb, loop = 0, None, {"consumed": 0, "ema_smooth": 0.0, "ema_n": 0, "total_training_time": 0.0}
     if args.resume:
-        if ckpt.latest_step() is None:
-            raise SystemExit(f"error: --resume but there is no complete checkpoint in {out_dir / 'checkpoints'}")
-        state, meta = ckpt.restore(target=abstract_train_state(config, tx, mesh, dtype), data_iterator=train_iter,
-                                   config=config)
+        state, meta = resume(ckpt, args.resume_step, abstract_train_state(config, tx, mesh, dtype), train_iter,
+                             config, say)
         step, loop, val_bpb = meta["step"], meta["loop_state"], meta.get("val_bpb")
         say(f"resumed from step {step}")
     resume_step = step
@@ -219,11 +292,26 @@ def main(argv=None):
     n_convs, tokens_per_step = len(train_tasks), inh["total_batch_size"]
     est_steps = args.num_iterations if args.num_iterations > 0 else None
     bar = tqdm(total=est_steps, initial=step, disable=not main_proc or not sys.stderr.isatty(), desc=f"sft {tag}")
+    if not bar.disable:
+        say = tqdm.write  # messages go above the bar, never through it
     flops_per_token, peak = flops.estimate_flops(config), peak_flops()
+    timer = StepTimer()
+
+    def save(step):
+        meta = {"step": step, "val_bpb": val_bpb, "model_config": config.to_dict(),
+                "user_config": vars(args),
+                "inherited": inh, "base": {"step": base_meta.get("step")}, "max_seq_len": T,
+                "device_batch_size": inh["device_batch_size"], "total_batch_size": inh["total_batch_size"],
+                "loop_state": {**loop, "ema_smooth": ema.smooth, "ema_n": ema.n}}
+        ckpt.save(step, state, data_iterator=train_iter, meta=meta)
+
     last = False
     while True:
         done = step >= args.num_iterations if args.num_iterations > 0 else loop["consumed"] >= n_convs
         last = _any_process(done)
+        if not last and stop.requested():
+            bar.close()
+            stop_with_checkpoint(ckpt, step, save if step != resume_step else None, stop, out_dir, say)
         if eval_batches is not None and (last or step % args.eval_every == 0):
             val_bpb = evaluate_bpb(state.params, eval_batches, config, tok.token_bytes, dtype=dtype,
                                    backend=args.attention)
@@ -234,12 +322,8 @@ def main(argv=None):
             say(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in scores.items()))
             logger.log(step, **{(k if k.startswith("chatcore") else f"chatcore/{k}"): v for k, v in scores.items()})
             loop["chatcore"] = scores.get("chatcore")
-        if last or (args.save_every > 0 and step > 0 and step % args.save_every == 0 and step != resume_step):
-            meta = {"step": step, "val_bpb": val_bpb, "model_config": config.to_dict(), "user_config": vars(args),
-                    "inherited": inh, "base": {"step": base_meta.get("step")}, "max_seq_len": T,
-                    "device_batch_size": inh["device_batch_size"], "total_batch_size": inh["total_batch_size"],
-                    "loop_state": {**loop, "ema_smooth": ema.smooth, "ema_n": ema.n}}
-            ckpt.save(step, state, data_iterator=train_iter, meta=meta)
+        if (last or (args.save_every > 0 and step > 0 and step % args.save_every == 0)) and step != resume_step:
+            save(step)  # not at the step resumed from: that one is on disk already
         if last:
             break
         t0 = time.perf_counter()
@@ -254,16 +338,18 @@ def main(argv=None):
         dt = time.perf_counter() - t0
         if step - resume_step >= 1:
             loop["total_training_time"] += dt
+            timer.add(dt)
         smooth = ema.update(loss)
         step_mfu = mfu(flops_per_token, tokens_per_step, dt, jax.device_count(), peak)
-        line = format_step_line(step=step, num_steps=est_steps or round((step + 1) / max(progress, 1e-9)), loss=smooth, lrm=lrm, dt=dt,
+        num_steps = est_steps or round((step + 1) / max(progress, 1e-9))
+        line = format_step_line(step=step, num_steps=num_steps, loss=smooth, lrm=lrm, dt=dt,
                                 tokens_per_step=tokens_per_step, mfu=step_mfu, total_time=loop["total_training_time"],
-                                epoch=micro[-1]["epoch"])
+                                epoch=micro[-1]["epoch"], eta=timer.eta(num_steps - step - 1))
         if bar.disable:
             say(line + f" | progress: {100 * progress:.1f}%")
         else:
             bar.update(1)
-            bar.set_postfix_str(f"loss {smooth:.4f} progress {100 * progress:.0f}%")
+            bar.set_postfix_str(f"loss {smooth:.4f} | {tokens_per_step / dt:,.0f} tok/s | progress {100 * progress:.0f}%")
         logger.log(step, **{"train/loss": smooth, "train/loss_raw": loss, "train/lrm": lrm, "train/dt": dt,
                             "train/progress": progress})
         step += 1
@@ -312,4 +398,4 @@ def _any_process(flag: bool) -> bool:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))
