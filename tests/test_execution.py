@@ -93,7 +93,7 @@ def test_fresh_process_minimal_env_and_stdin():
     assert r.success, r.stderr
     env, isolated, name, eof = r.stdout.splitlines()
     assert set(eval(env)) <= {"PATH", "TMPDIR", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-                              "OPENBLAS_MAIN_FREE", "GOTOBLAS_MAIN_FREE", "LC_CTYPE", "HOME", "PWD"}
+                              "OPENBLAS_MAIN_FREE", "GOTOBLAS_MAIN_FREE", "LC_CTYPE", "HOME", "PWD", "MALLOC_ARENA_MAX"}
     assert (isolated, name, eof) == ("1", "__main__", "eof")
     assert execute_code("import os; print(os.environ['PATH'])").stdout == "/usr/bin:/bin\n"
 
@@ -104,6 +104,15 @@ def test_common_modules_work():
                      "print(math.gcd(12, 18), random.Random(0).randint(1, 6))")
     assert r.success, r.stderr
     assert r.stdout == "thread\n6 4\n"
+
+
+@needs_sandbox
+def test_threads_fit_in_the_memory_limit():
+    """One malloc arena: without it each thread reserves 64 MiB of address space and the 256 MiB
+    RLIMIT_AS stops the sixth thread; now 16 threads (and their 8 MiB stacks) fit."""
+    r = execute_code("import threading, time\nts = [threading.Thread(target=time.sleep, args=(0.1,)) for _ in range(16)]\n"
+                     "[t.start() for t in ts]\n[t.join() for t in ts]\nprint('ok')")
+    assert r.success and r.stdout == "ok\n", r.error
 
 
 # ----------------------------------------------------------------------------- limits

@@ -322,7 +322,7 @@ def _sandbox_argv(sb: Sandbox, disk_bytes: int, rlimits: dict[str, int]) -> list
     ns = ["--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup"]
     user = ["--unshare-user", "--disable-userns", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID)]
     env = ["--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "TMPDIR", SANDBOX_WORK,
-           "--setenv", "HOME", SANDBOX_WORK]
+           "--setenv", "HOME", SANDBOX_WORK, "--setenv", "MALLOC_ARENA_MAX", "1"]
     view = []
     for path in sb.ro_binds:  # parents a privileged bwrap would create 0700, which uid 65534 could not cross
         for parent in _ancestors(path):
@@ -613,7 +613,7 @@ def execute_code(
     max_output_bytes: int = 1 * MiB,
     max_file_bytes: int | None = 16 * MiB,
     max_disk_bytes: int = 64 * MiB,
-    max_processes: int = 32,
+    max_processes: int = 64,
     isolate_network: bool = True,
     unsafe_exec: bool | None = None,
     _block_processes: bool = True,
@@ -623,8 +623,10 @@ def execute_code(
 
     maximum_memory_bytes bounds each process (rlimit AS) and, plus the disk quota, the whole tree
     (cgroup); None lifts both. max_disk_bytes is the size of the only writable place, max_processes
-    the number of processes the code may have at once. unsafe_exec=None uses set_unsafe_exec's
-    default; without a usable sandbox and without unsafe_exec this raises SandboxUnavailable.
+    the number of tasks the code may have at once (threads count too: ThreadPoolExecutor starts up
+    to 32). isolate_network applies to the unsafe fallback (the sandbox always has its own network
+    namespace). unsafe_exec=None uses set_unsafe_exec's default; without a usable sandbox and
+    without unsafe_exec this raises SandboxUnavailable.
     `_block_processes=False` / `_python_guard=False` (tests only) switch off parts of the Python
     layer, to show what the OS layer holds by itself."""
     if timeout <= 0:
