@@ -106,7 +106,6 @@ def test_common_modules_work():
     assert r.stdout == "thread\n6 4\n"
 
 
-@needs_sandbox
 def test_threads_fit_in_the_memory_limit():
     """One malloc arena: without it each thread reserves 64 MiB of address space and the 256 MiB
     RLIMIT_AS stops the sixth thread; now 16 threads (and their 8 MiB stacks) fit."""

@@ -688,7 +688,7 @@ def _execute_unsafe(code, timeout, mem, max_output, fsize, isolate_network, bloc
         cmd = [sys.executable, "-I", "-u", "-c", script]
         if isolate_network:
             cmd = [*network_namespace_prefix(), *cmd]
-        proc = subprocess.Popen(cmd, cwd=work, env={"PATH": "/usr/bin:/bin", "TMPDIR": work}, stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(cmd, cwd=work, env={"PATH": "/usr/bin:/bin", "TMPDIR": work, "MALLOC_ARENA_MAX": "1"}, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, close_fds=True)
         try:
             outs, timed_out = _collect(proc, time.monotonic() + timeout, max_output)
