@@ -558,6 +558,25 @@ def test_concurrent_executions_keep_their_own_output_and_limits():
     assert [r.stdout for r in results] == [f"{i} ['mine'] {i}\n" for i in range(8)]
 
 
+def test_stale_execution_cgroups_are_removed():
+    usable = execution._usable_cgroups()
+    if not usable:
+        pytest.skip("no writable cgroup here")
+    parent = usable[0][1]
+    stale, fresh = (Path(parent, f"nanochat-exec-test-{uuid.uuid4().hex}") for _ in range(2))
+    stale.mkdir()
+    fresh.mkdir()
+    try:
+        hours_ago = time.time() - 2 * 3600
+        os.utime(stale, (hours_ago, hours_ago))
+        execution._usable_cgroups()
+        assert not stale.exists() and fresh.exists()  # a fresh one may be an execution just starting
+    finally:
+        for d in (stale, fresh):
+            if d.exists():
+                d.rmdir()
+
+
 # ----------------------------------------------------------------------------- refusing without a sandbox
 
 

@@ -289,10 +289,25 @@ def _own_cgroup_dirs() -> list[tuple[str, str, str]]:
     return found
 
 
+def _remove_stale_cgroups(parent: str, older_than_s: float = 3600.0) -> None:
+    """Empty per-execution cgroups an evaluator killed mid-run left behind (rmdir refuses busy ones)."""
+    try:
+        entries = [e for e in os.scandir(parent) if e.name.startswith("nanochat-exec-") and e.is_dir()]
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            if time.time() - entry.stat().st_mtime > older_than_s:
+                os.rmdir(entry.path)
+        except OSError:
+            pass
+
+
 def _usable_cgroups() -> tuple[tuple[str, str, str], ...]:
     """The controllers whose limits we can set on a child cgroup of our own (probed once)."""
     usable = []
     for controller, parent, version in _own_cgroup_dirs():
+        _remove_stale_cgroups(parent)
         probe = os.path.join(parent, f"nanochat-probe-{uuid.uuid4().hex[:12]}")
         limit_file = {"pids": "pids.max", "memory": "memory.max" if version == "2" else "memory.limit_in_bytes"}
         try:
