@@ -149,5 +149,15 @@ def test_cli_on_local_gsm8k(toy, tmp_path):
     assert (out / "checkpoints" / "2" / "commit_success.txt").is_file()
     report = (out / "report.md").read_text()
     assert "pass@8" in report and "last_reward" in report
+    base = ["--sft-dir", str(tmp_path / "sft"), "--tokenizer-dir", str(tmp_path / "tok")]
     with pytest.raises(SystemExit, match="unknown task"):
-        rl.main(["--sft-dir", str(tmp_path / "sft"), "--tokenizer-dir", str(tmp_path / "tok"), "--task", "chess"])
+        rl.main([*base, "--task", "chess", "--out-dir", str(tmp_path / "new")])
+    assert not (tmp_path / "new").exists()  # a run that failed leaves no directory behind
+    # the output is checked before any task is loaded ("chess" would fail later)
+    with pytest.raises(SystemExit, match=r"rl already holds a run \(checkpoints at steps \[2\]\)"):
+        rl.main([*base, "--task", "chess", "--out-dir", str(out)])
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match="cannot write the output directory .*file/rl"):
+        rl.main([*base, "--task", "chess", "--out-dir", str(tmp_path / "file" / "rl")])
+    with pytest.raises(SystemExit, match="--num-samples 8 must be a multiple of --device-batch-size 3"):
+        rl.main([*base, "--num-samples", "8", "--device-batch-size", "3"])

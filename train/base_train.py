@@ -402,7 +402,7 @@ def resume(ckpt, step, target, data_iterator, config, say):
     return state, meta
 
 
-def stop_with_checkpoint(ckpt, step, save, stop, out_dir, say, timeout_s=None):
+def stop_with_checkpoint(ckpt, step, save, stop, out_dir, say, timeout_s=None, hint="continue with --resume"):
     """The end of a run stopped by a signal: save `step` (save is None when it is on disk already), wait a
     bounded time for it, and exit with a one-line message and 128 + the signal number."""
     timeout_s = STOP_SAVE_TIMEOUT_S if timeout_s is None else timeout_s
@@ -411,8 +411,7 @@ def stop_with_checkpoint(ckpt, step, save, stop, out_dir, say, timeout_s=None):
         say(f"{stop.name}: saving a final checkpoint at step {step} (waiting up to {timeout_s:.0f}s)")
         save(step)
     if ckpt.wait(timeout=timeout_s):
-        print(f"stopped by {stop.name} at step {step}; checkpoint step {step} is in {where}; continue with --resume",
-              file=sys.stderr)
+        print(f"stopped by {stop.name} at step {step}; checkpoint step {step} is in {where}; {hint}", file=sys.stderr)
         raise SystemExit(stop.exit_code)
     prev = ckpt.latest_step()
     print(f"stopped by {stop.name} at step {step}; the final checkpoint did not finish within {timeout_s:.0f}s, "

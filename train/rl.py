@@ -8,13 +8,20 @@ engine (batched: one prefill, device_batch_size rows per pass); a completion's r
 from the task's checker; the advantage is reward − mean reward of its question (no std, no
 KL, no clipping); the loss is −Σ logp·A over sampled tokens, normalized per token of each pass
 (DAPO-style). Forced calculator output and the prompt carry no loss. LR decays linearly to 0.
+
+Every argument, the tokenizer and the SFT checkpoint are checked before any task download; the
+output directory holds one run (--overwrite moves an old one aside); SIGINT/SIGTERM stop after the
+current step with a final checkpoint (docs/training.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,12 +30,13 @@ import numpy as np
 from tqdm import tqdm
 
 from nanochat_jax import optim, sharding
-from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, load_params, newest_run
-from nanochat_jax.common import resolve_dtype, tune_malloc
+from nanochat_jax.checkpoint import (COMMIT_MARKER, Checkpointer, CheckpointError, RunDirError, checkpoint_dir, load_params,
+                                     newest_run, prepare_run_dir)
+from nanochat_jax.common import DTYPES, StopSignals, resolve_dtype, run_cli, tune_malloc
 from nanochat_jax.config import GPTConfig
 from nanochat_jax.data.dataset import home_dir
 from nanochat_jax.engine import Engine
-from nanochat_jax.report import RunLogger, write_report
+from nanochat_jax.report import RunLogger, StepTimer, write_report
 from nanochat_jax.tasks.common import Task
 from nanochat_jax.tokenizer import Tokenizer
 from nanochat_jax.train_step import init_train_state, make_train_step
@@ -52,6 +60,21 @@ class RLConfig:
     eval_every: int = 60
     eval_examples: int = 400
     save_every: int = 60
+
+    def check(self) -> None:
+        """Ranges (ValueError), so a typo fails before any model or task is loaded."""
+        for name in ("num_epochs", "examples_per_step", "num_samples", "device_batch_size", "max_new_tokens",
+                     "eval_examples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.num_steps != -1 and self.num_steps < 1:
+            raise ValueError(f"--num-steps must be >= 1, or -1 for num_epochs over the task; got {self.num_steps}")
+        for name in ("temperature", "top_k", "embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr", "init_lr_frac"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.num_samples % self.device_batch_size:
+            raise ValueError(f"--num-samples {self.num_samples} must be a multiple of --device-batch-size "
+                             f"{self.device_batch_size}")
 
 
 def rollout_batch(engine: Engine, conv: dict, task: Task, cfg: RLConfig, seed: int, seq_len: int, pad_id: int):
@@ -98,8 +121,10 @@ def pass_at_k(engine: Engine, task: Task, n: int, k: int, cfg: RLConfig, seed: i
 
 
 def train(params, config: GPTConfig, tok: Tokenizer, task: Task, cfg: RLConfig, *, val_task: Task | None = None,
-          out_dir: Path | None = None, mesh_spec: str = "data=-1", mesh=None, dtype=None, say=print) -> tuple[dict, list[dict]]:
-    """Runs RL from params; returns (final params, per-step records {step, reward, seq_len, lrm, pass@k?})."""
+          out_dir: Path | None = None, mesh_spec: str = "data=-1", mesh=None, dtype=None, say=print,
+          stop: StopSignals | None = None) -> tuple[dict, list[dict]]:
+    """Runs RL from params; returns (final params, per-step records {step, reward, seq_len, lrm, pass@k?}).
+    stop (installed StopSignals): a signal ends the run after the current step, with a final checkpoint."""
     dtype = resolve_dtype(dtype)
     if cfg.num_samples % cfg.device_batch_size:
         raise ValueError(f"num_samples {cfg.num_samples} must be a multiple of device_batch_size {cfg.device_batch_size}")
@@ -129,8 +154,23 @@ def train(params, config: GPTConfig, tok: Tokenizer, task: Task, cfg: RLConfig, 
     ckpt = Checkpointer(out_dir / "checkpoints", max_to_keep=2) if out_dir else None
     records, cursor = [], rank
     bar = tqdm(total=num_steps, desc="rl", disable=not sys.stderr.isatty())
+    if not bar.disable and say is print:
+        say = tqdm.write  # messages go above the bar, never through it
+    timer = StepTimer()
+    saved_step = None
     for step in range(num_steps + 1):
         last = step == num_steps
+        if stop is not None and not last and stop.requested():
+            from train.base_train import stop_with_checkpoint
+
+            bar.close()
+            save = (lambda s: ckpt.save(s, state, meta={"step": s, "model_config": config.to_dict(),
+                                                        "rl_config": dataclasses.asdict(cfg)}))
+            if ckpt is None:
+                print(f"stopped by {stop.name} at step {step} (no --out-dir: nothing saved)", file=sys.stderr)
+                raise SystemExit(stop.exit_code)
+            stop_with_checkpoint(ckpt, step, save if step != saved_step else None, stop, out_dir, say,
+                                 hint="RL has no --resume; evaluate or serve this checkpoint as it is")
         rec = {"step": step}
         if val_task is not None and cfg.eval_every > 0 and (last or step % cfg.eval_every == 0):
             engine = Engine(jax.device_get(state.params), config, tok, dtype=dtype)
@@ -140,6 +180,7 @@ def train(params, config: GPTConfig, tok: Tokenizer, task: Task, cfg: RLConfig, 
         if ckpt and (last or (cfg.save_every > 0 and step > 0 and step % cfg.save_every == 0)):
             ckpt.save(step, state, meta={"step": step, "model_config": config.to_dict(),
                                          "rl_config": dataclasses.asdict(cfg)})
+            saved_step = step
         if last:
             if len(rec) > 1:
                 records.append(rec)
@@ -168,16 +209,19 @@ def train(params, config: GPTConfig, tok: Tokenizer, task: Task, cfg: RLConfig, 
                            sharding.global_batch(weights.astype(np.float32), batch_sh))
         rec.update(reward=float(rewards.mean()), seq_len=float(np.mean(lengths)), lrm=1 - step / num_steps,
                    dt=time.perf_counter() - t0)
+        if step > 0:  # the first step compiles
+            timer.add(rec["dt"])
+        eta = timer.eta(num_steps - step - 1)
         records.append(rec)
         if logger:
             logger.log(step, **{f"rl/{k}": v for k, v in rec.items() if k != "step"})
         line = f"step {step:05d}/{num_steps:05d} | reward {rec['reward']:.4f} | seq len {rec['seq_len']:.1f} | " \
-               f"lrm {rec['lrm']:.3f} | dt {rec['dt']:.2f}s"
+               f"lrm {rec['lrm']:.3f} | dt {rec['dt']:.2f}s" + (f" | eta: {eta / 60:.1f}m" if eta is not None else "")
         if bar.disable:
             say(line)
         else:
             bar.update(1)
-            bar.set_postfix_str(f"reward {rec['reward']:.3f}")
+            bar.set_postfix_str(f"reward {rec['reward']:.3f} | {rec['dt']:.2f}s/step")
     bar.close()
     if ckpt:
         ckpt.close()
@@ -199,22 +243,62 @@ def main(argv=None):
     a("--dtype", default=None)
     a("--tokenizer-dir", default=None)
     a("--out-dir", default=None, help="default $NANOCHAT_JAX_HOME/chatrl_checkpoints/<tag>")
+    a("--overwrite", action="store_true", help="move a run already in --out-dir aside to <out-dir>.replaced-<time>")
+    a("--debug", action="store_true", help="tracebacks instead of one-line errors")
     a("--unsafe-exec", action="store_true",
       help="let rewards run model-written code even where no OS sandbox (bubblewrap) works: Python-level guards only")
     args = ap.parse_args(argv)
+    cfg = RLConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RLConfig)})
+    try:
+        cfg.check()
+        if args.dtype is not None and args.dtype not in DTYPES:
+            raise ValueError(f"--dtype {args.dtype!r} is not one of {sorted(DTYPES)}")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     tune_malloc()  # before the backend starts: reuse freed host memory (common.tune_malloc)
     sharding.initialize_distributed()  # multi-host: NANOCHAT_COORDINATOR etc., as runs/gpu_multinode.sh sets
     from nanochat_jax.tasks.spec import parse_entry
 
-    tok = Tokenizer.load(Path(args.tokenizer_dir) if args.tokenizer_dir else home_dir() / "tokenizer")
+    # the tokenizer, the checkpoint and the output dir first: a task download may take a while
     try:
+        tok = Tokenizer.load(Path(args.tokenizer_dir) if args.tokenizer_dir else home_dir() / "tokenizer")
         sft_dir = Path(args.sft_dir) if args.sft_dir else Path(newest_run(home_dir() / "chatsft_checkpoints"))
         ckpt_dir = checkpoint_dir(sft_dir)
         params, config, _ = load_params(ckpt_dir)
+        out_dir = Path(args.out_dir) if args.out_dir else home_dir() / "chatrl_checkpoints" / f"d{config.n_layer}"
+        moved = prepare_run_dir(out_dir, resume=False, overwrite=args.overwrite)
+        _check_writable(out_dir)
+        created = not out_dir.exists()
         task, _ = parse_entry(args.task, args.task_data_dir)
         val_task = None if args.val_task == "none" else parse_entry(args.val_task, args.task_data_dir)[0]
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except (ValueError, FileNotFoundError, OSError, CheckpointError, RunDirError) as e:
         raise SystemExit(f"error: {e}") from None
+    if moved:
+        print(f"moved the previous run in {out_dir} to {moved}")
+    try:
+        return _main(args, cfg, tok, ckpt_dir, params, config, out_dir, task, val_task)
+    except BaseException:
+        if created and not any(out_dir.glob(f"checkpoints/*/{COMMIT_MARKER}")):
+            shutil.rmtree(out_dir, ignore_errors=True)  # a run that failed before its first checkpoint leaves nothing
+        raise
+
+
+def _check_writable(out_dir: Path) -> None:
+    """Write a probe file in out_dir: an unwritable output fails now, not after the run. A directory made
+    for the probe is removed again (the run creates it), so a later failure leaves nothing behind."""
+    made = not out_dir.exists()
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as e:
+        raise OSError(f"cannot write the output directory {out_dir}: {e.strerror or e}") from None
+    finally:
+        if made and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+
+
+def _main(args, cfg, tok, ckpt_dir, params, config, out_dir, task, val_task):
     from nanochat_jax.evals import execution
     from nanochat_jax.tasks.humaneval import HumanEval
     execution.set_unsafe_exec(args.unsafe_exec)
@@ -223,13 +307,12 @@ def main(argv=None):
             print(execution.code_execution_mode())
         except execution.SandboxUnavailable as e:
             raise SystemExit(f"error: {e}") from None
-    cfg = RLConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RLConfig)})
-    out_dir = Path(args.out_dir) if args.out_dir else home_dir() / "chatrl_checkpoints" / f"d{config.n_layer}"
     print(f"rl: {ckpt_dir} → {out_dir}; {len(task):,} examples, {cfg.examples_per_step} per step x "
           f"{cfg.num_samples} samples")
     try:
-        _, records = train(params, config, tok, task, cfg, val_task=val_task, out_dir=out_dir, mesh_spec=args.mesh,
-                           dtype=args.dtype)
+        with StopSignals() as stop:
+            _, records = train(params, config, tok, task, cfg, val_task=val_task, out_dir=out_dir,
+                               mesh_spec=args.mesh, dtype=args.dtype, stop=stop)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     rewards = [r["reward"] for r in records if "reward" in r]
@@ -240,4 +323,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))
