@@ -26,7 +26,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
@@ -124,9 +124,13 @@ def request_model(context: int, slots: int, limits: Limits):
     return ChatRequest
 
 
+MODERATION_MAX_CHARS, MODERATION_MAX_TEXTS = 32000, 32
+ModerationText = Annotated[str, Field(max_length=MODERATION_MAX_CHARS)]
+
+
 class ModerationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    input: str | list[str] = Field(description="text, or a list of texts (at most 32)")
+    input: ModerationText | Annotated[list[ModerationText], Field(min_length=1, max_length=MODERATION_MAX_TEXTS)]
     model: str | None = None
 
 
@@ -322,8 +326,6 @@ def create_app(engine_or_scheduler: Engine | Scheduler, model_name: str, api_key
             raise APIError(400, "the safety filter is off on this server (--safety off)", "input",
                            "moderation_unavailable")
         texts = [body.input] if isinstance(body.input, str) else body.input
-        if not 1 <= len(texts) <= 32 or any(len(t) > limits.max_total_chars for t in texts):
-            raise APIError(400, f"input: 1 to 32 texts of at most {limits.max_total_chars} characters", "input")
         names = [c.name for c in safety.categories]
         results = []
         for t in texts:

@@ -430,27 +430,30 @@ class Scheduler:
             return
         else:
             text, reason = text[:len(text) - _held(text, req.stop)], None
+        whole = reason in ("stop", "length") and hit < 0  # the reply ended by itself: every token counts
         if ch.guard is not None:
             safe, category = ch.guard.feed(text, reason is not None)
             text = text[:safe]
             if category is not None:
-                reason = "content_filter"
-        self._emit(req, i, text, reason)
+                reason, whole = "content_filter", False
+        self._emit(req, i, text, reason, whole)
         if reason:
             self._free(s)
 
-    def _emit(self, req: Request, i: int, text: str, finish_reason: str | None):
+    def _emit(self, req: Request, i: int, text: str, finish_reason: str | None, whole: bool = False):
+        """Send the new part of `text`; logprob entries go with it once their token's text is
+        fully sent (all of them when `whole`; never those of text cut by a stop string or filter)."""
         ch = req.choices[i]
+        lps = None
+        if req.logprobs and (len(text) > ch.sent or finish_reason):
+            k = len(ch.pending) if whole else sum(1 for e in ch.ends if e <= len(text))
+            lps, ch.pending, ch.ends = ch.pending[:k], ch.pending[k:], ch.ends[k:]
         if len(text) > ch.sent:
-            lps = None
-            if req.logprobs:  # entries of the tokens whose text is now fully sent
-                k = sum(1 for e in ch.ends[:len(ch.pending)] if e <= len(text))
-                lps, ch.pending, ch.ends = ch.pending[:k], ch.pending[k:], ch.ends[k:]
             _notify(req, Event(i, text[ch.sent:], None, lps))
-            ch.sent = len(text)
+            ch.sent, lps = len(text), None
         if finish_reason:
             ch.done = True
-            _notify(req, Event(i, "", finish_reason))
+            _notify(req, Event(i, "", finish_reason, lps))
             if all(c.done for c in req.choices):
                 _notify(req, None)
 

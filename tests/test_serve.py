@@ -710,3 +710,129 @@ def test_first_request_after_warmup_is_not_slower(server, rand_engine):
         assert times[0] <= 2 * statistics.median(times[1:]), times
     finally:
         sched.close()
+
+
+# ---- OpenAI's contract -----------------------------------------------------------------------------
+
+def test_openai_contract(server, rand_sched):
+    """Text content parts, the developer role, 400s naming unsupported parameters,
+    GET /v1/models/{id}, logprobs and logit_bias, all through the official client."""
+    openai = pytest.importorskip("openai")
+    url = server(create_app(rand_sched, "tiny"))
+    c = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    kw = dict(model="tiny", max_tokens=12, temperature=0)
+    plain = c.chat.completions.create(messages=MSGS, **kw).choices[0].message.content
+    parts = c.chat.completions.create(messages=[
+        {"role": "developer", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "hello "}, {"type": "text", "text": "there"}]}], **kw)
+    assert parts.choices[0].message.content == plain  # developer = system; parts joined
+
+    def bad(param, **extra):
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(**{"messages": MSGS, **kw, **extra})
+        assert e.value.body["param"] == param and param.split(".")[0] in e.value.body["message"], e.value.body
+        return e.value.body
+
+    bad("tools", tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+    bad("tool_choice", tool_choice="none")
+    bad("response_format", response_format={"type": "json_object"})
+    bad("made_up", extra_body={"made_up": 1})
+    bad("top_logprobs", top_logprobs=2)  # without logprobs
+    bad("logit_bias", logit_bias={"99999": 5})
+    bad("messages.0.content.0.type", messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])
+    assert c.chat.completions.create(messages=MSGS, response_format={"type": "text"}, **kw).choices
+    assert c.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        c.models.retrieve("gpt-4")
+
+    r = c.chat.completions.create(messages=MSGS, logprobs=True, top_logprobs=3, **kw)
+    entries = r.choices[0].logprobs.content
+    assert len(entries) == r.usage.completion_tokens > 0
+    for e in entries:  # greedy: the chosen token is the most likely one
+        assert len(e.top_logprobs) == 3 and e.top_logprobs[0].logprob == pytest.approx(e.logprob, abs=1e-5)
+        assert e.logprob <= 0 and [t.logprob for t in e.top_logprobs] == sorted(
+            [t.logprob for t in e.top_logprobs], reverse=True)
+    streamed = [lp for ev in c.chat.completions.create(messages=MSGS, logprobs=True, top_logprobs=3, stream=True,
+                                                          **kw)
+                if ev.choices and ev.choices[0].logprobs for lp in ev.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in entries]
+
+    z = c.chat.completions.create(messages=MSGS, model="tiny", max_tokens=8, temperature=1.0, seed=2**63 + 5,
+                                  logit_bias={str(B("z")): 100})
+    assert z.choices[0].message.content == "z" * 8 and z.choices[0].finish_reason == "length"
+
+
+def test_penalties_bias_and_logprobs_match_a_numpy_reference(rand_engine, rand_sched):
+    """The device's logit_bias, presence/frequency penalties and logprobs against numpy over
+    the full (uncached) forward: every greedy token, its logprob and the top 5."""
+    import numpy as np
+    from test_engine import full_forward
+
+    prompt = TOK.render_for_completion({"messages": MSGS})
+    bias = {B("e"): 2.0, B("t"): -3.0, B("a"): 1.5}
+    kw = dict(max_tokens=20, temperature=0.0, logprobs=True, top_logprobs=5, logit_bias=bias,
+              presence_penalty=0.8, frequency_penalty=1.1)
+
+    def entries(**kw):
+        done, out = threading.Event(), []
+        rand_sched.submit(Request(prompt, lambda ev: done.set() if ev is None else out.extend(ev.logprobs or []),
+                                  **kw))
+        assert done.wait(30)
+        return out
+
+    got = entries(**kw)
+    assert len(got) == 20
+    tokens = [t for t, _, _ in got]
+    logits = np.asarray(full_forward(rand_engine.params, jnp.asarray([prompt + tokens]), config=CFG,
+                                     dtype=jnp.float32))[0].astype(np.float64)
+    bias_V = np.zeros(CFG.vocab_size)
+    for k, v in bias.items():
+        bias_V[k] = v
+    counts = np.zeros(CFG.vocab_size)
+    for t, (tok, lp, top) in enumerate(got):
+        row = logits[len(prompt) - 1 + t] + bias_V - 0.8 * (counts > 0) - 1.1 * counts
+        lsm = row - np.log(np.exp(row - row.max()).sum()) - row.max()
+        assert tok == int(np.argmax(row))
+        assert lp == pytest.approx(lsm[tok], abs=2e-4)
+        assert [i for i, _ in top] == list(np.argsort(-lsm, kind="stable")[:5])
+        np.testing.assert_allclose([v for _, v in top], np.sort(lsm)[::-1][:5], atol=2e-4)
+        counts[tok] += 1
+    plain = [t for t, _, _ in entries(max_tokens=20, temperature=0.0, logprobs=True)]
+    assert plain != tokens  # the processing changed the reply, so the comparison above has teeth
+
+
+def test_openapi_document_matches_the_server(rand_sched):
+    """schemathesis, bounded, with all its checks, positive and negative data, over every
+    operation. Chat completions may also answer a schema-valid body with 400: JSON Schema
+    cannot state the token context or the message order the chat template needs."""
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.config import SchemathesisConfig
+
+    from nanochat_jax.safety import Policy
+
+    app = create_app(rand_sched, "tiny", safety=Policy.load())
+    doc = app.openapi()
+    chat = doc["paths"]["/v1/chat/completions"]["post"]
+    assert set(chat["responses"]) == {"200", "400", "401", "429", "503"}
+    assert "text/event-stream" in chat["responses"]["200"]["content"]
+    assert not any("422" in op["responses"] for path in doc["paths"].values() for op in path.values())
+    cfg = SchemathesisConfig.from_str('[[operations]]\ninclude-path = "/v1/chat/completions"\n'
+                                      'checks.positive_data_acceptance.expected-statuses = ["2xx", "400"]\n')
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app, config=cfg)
+    ran = []
+    for result in schema.get_all_operations():
+        op = result.ok()
+        modes = [schemathesis.GenerationMode.POSITIVE]
+        if op.method == "post":  # a body to break (a free-form path string has no invalid form)
+            modes.append(schemathesis.GenerationMode.NEGATIVE)
+        for mode in modes:
+            @settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+            @given(op.as_strategy(generation_mode=mode))
+            def check(case):
+                case.call_and_validate()
+
+            check()
+            ran.append((op.path, mode.value))
+    assert ("/v1/chat/completions", "negative") in ran and ("/v1/moderations", "positive") in ran
