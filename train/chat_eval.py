@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
-from nanochat_jax.common import resolve_dtype, tune_malloc
+from nanochat_jax.common import DTYPES, resolve_dtype, run_cli, tune_malloc
 from nanochat_jax.data.dataset import home_dir
 from nanochat_jax.engine import Engine
 from nanochat_jax.evals.chat import BASELINES, categorical_accuracy, chatcore, generative_accuracy
@@ -117,14 +119,67 @@ def evaluate(engine: Engine, tasks: dict, *, batch_size: int = 8, num_samples: i
     return {**results, **chatcore(results)}
 
 
+def model_path(args) -> str:
+    """The checkpoint to evaluate, checked to exist (and, for ours, to hold a complete step) without
+    loading it or writing anything there."""
+    from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, newest_run
+
+    path = args.nanochat or args.checkpoint or str(newest_run(home_dir() / RUN_ROOTS[args.source]))
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    if not args.nanochat:
+        with Checkpointer(checkpoint_dir(path), read_only=True) as ckpt:
+            ckpt.read_meta(args.step)
+    return str(path)
+
+
 def load_engine_for(args) -> Engine:
-    from nanochat_jax.checkpoint import newest_run
     from serve.app import load_engine
 
     tok_dir = Path(args.tokenizer_dir) if args.tokenizer_dir else home_dir() / "tokenizer"
-    path = args.nanochat or args.checkpoint or newest_run(home_dir() / RUN_ROOTS[args.source])
+    path = args.model_path if getattr(args, "model_path", None) else model_path(args)
     print(f"model: {path}")
     return load_engine(str(path), bool(args.nanochat), str(tok_dir), resolve_dtype(args.dtype), args.step)
+
+
+def check_args(args) -> None:
+    """Ranges and paths that need no model, before any task download (ValueError / FileNotFoundError)."""
+    for name in ("max_new_tokens", "num_samples", "batch_size", "slots"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.temperature < 0 or args.top_k < 0:
+        raise ValueError(f"--temperature and --top-k must be >= 0, got {args.temperature} and {args.top_k}")
+    if args.max_problems != -1 and args.max_problems < 1:
+        raise ValueError(f"--max-problems must be >= 1, or -1 for all; got {args.max_problems}")
+    if args.step is not None and args.step < 0:
+        raise ValueError(f"--step must be >= 0, got {args.step}")
+    if args.dtype is not None and args.dtype not in DTYPES:
+        raise ValueError(f"--dtype {args.dtype!r} is not one of {sorted(DTYPES)}")
+    unknown = [n for n in args.tasks.split("|") if n.strip() and n.strip() not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task {unknown[0]!r}; choose from {'|'.join(TASKS)}")
+    from nanochat_jax.tokenizer import Tokenizer
+
+    Tokenizer.load(Path(args.tokenizer_dir) if args.tokenizer_dir else home_dir() / "tokenizer")
+    if args.out:
+        out_dir = Path(args.out).resolve().parent
+        try:
+            with tempfile.TemporaryFile(dir=out_dir):
+                pass
+        except OSError as e:
+            raise OSError(f"cannot write --out {args.out}: {e.strerror or e}") from None
+
+
+def write_results(path: str, res: dict) -> None:
+    """The JSON results, atomically; if that fails they go to stdout, so a finished evaluation is never lost."""
+    from nanochat_jax.fileio import atomic_write
+
+    text = json.dumps(res, indent=2)
+    try:
+        atomic_write(path, lambda f: f.write(text.encode()))
+    except OSError as e:
+        print(text)
+        raise SystemExit(f"error: cannot write --out {path} ({e.strerror or e}); the results are printed above") from None
 
 
 def main(argv=None):
@@ -147,9 +202,18 @@ def main(argv=None):
     a("--tokenizer-dir", default=None)
     a("--dtype", default=None)
     a("--out", default=None, help="write the results as JSON here")
+    a("--debug", action="store_true", help="tracebacks instead of one-line errors")
     a("--unsafe-exec", action="store_true",
       help="run HumanEval's model-written code even where no OS sandbox (bubblewrap) works: Python-level guards only")
     args = ap.parse_args(argv)
+    # arguments, tokenizer, checkpoint and --out first: a task download can take a while
+    from nanochat_jax.checkpoint import CheckpointError
+
+    try:
+        check_args(args)
+        args.model_path = model_path(args)
+    except (ValueError, FileNotFoundError, OSError, CheckpointError) as e:
+        raise SystemExit(f"error: {e}") from None
     tune_malloc()  # before the backend starts: reuse freed host memory (common.tune_malloc)
     names = [t.strip() for t in args.tasks.split("|") if t.strip()]
     from nanochat_jax.evals import execution
@@ -163,7 +227,7 @@ def main(argv=None):
         tasks = {n: make_task(n, Path(args.task_data_dir) if args.task_data_dir else None, args.task_source)
                  for n in names}
         engine = load_engine_for(args)
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except (ValueError, FileNotFoundError, OSError, CheckpointError) as e:
         raise SystemExit(f"error: {e}") from None
     res = evaluate(engine, tasks, batch_size=args.batch_size, num_samples=args.num_samples,
                    max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -172,9 +236,9 @@ def main(argv=None):
         if k in res:
             print(f"{k}: {res[k]:.4f}")
     if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=2))
+        write_results(args.out, res)
     return res
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(lambda argv: main(argv) and 0))
