@@ -609,6 +609,21 @@ def test_chat_eval_refuses_humaneval_before_loading_anything(monkeypatch, capsys
     assert "WARNING: code execution is NOT sandboxed" in capsys.readouterr().out
 
 
+def test_probe_reports_why_there_is_no_sandbox(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no bwrap at all
+    sb, why = sandbox_status.__wrapped__()
+    assert sb is None and "bwrap (Debian/Ubuntu package `bubblewrap`) is not installed" in why
+    fake = tmp_path / "bwrap"  # an old one
+    fake.write_text("#!/bin/sh\necho 'bubblewrap 0.6.1'\n")
+    fake.chmod(0o755)
+    sb, why = sandbox_status.__wrapped__()
+    assert sb is None and why == "bubblewrap 0.6.1 is too old (0.8 or newer has --disable-userns and --size)"
+    fake.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo 'bubblewrap 0.9.0' && exit 0\n"
+                    "echo 'bwrap: No permissions to create new namespace' >&2\nexit 1\n")  # new, but not allowed here
+    sb, why = sandbox_status.__wrapped__()
+    assert sb is None and why.endswith("does not work here: bwrap: No permissions to create new namespace")
+
+
 def test_execution_mode_line():
     if SANDBOX is None:
         pytest.skip(f"no usable OS sandbox here: {SANDBOX_WHY}")

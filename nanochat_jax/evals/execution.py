@@ -387,6 +387,12 @@ def sandbox_status() -> tuple[Sandbox | None, str]:
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         return None, "bwrap (Debian/Ubuntu package `bubblewrap`) is not installed"
+    try:
+        version = subprocess.run([bwrap, "--version"], capture_output=True, text=True, timeout=10).stdout.split()[-1]
+        if tuple(int(x) for x in version.split(".")[:2]) < (0, 8):
+            return None, f"bubblewrap {version} is too old (0.8 or newer has --disable-userns and --size)"
+    except (OSError, subprocess.SubprocessError, IndexError, ValueError):
+        pass  # no parsable version: the probe below decides
     python, prefix = _base_interpreter()
     binds, links = _system_layout(prefix, python)
     prlimit = shutil.which("prlimit", path="/usr/bin:/bin")
