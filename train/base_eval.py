@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from nanochat_jax import sharding
-from nanochat_jax.common import resolve_dtype, tune_malloc
+from nanochat_jax.common import DTYPES, resolve_dtype, run_cli, tune_malloc
 from nanochat_jax.data.dataset import home_dir
 from nanochat_jax.evals import core as core_eval
 
@@ -50,7 +51,40 @@ def parse_args(argv=None):
     a("--out-dir", default=None, help="where the CORE csv goes (default $NANOCHAT_JAX_HOME/base_eval)")
     a("--dtype", default=None, help="float32 | bfloat16 (default: by platform)")
     a("--attention", default="auto", help="auto | xla | cudnn | splash")
+    a("--debug", action="store_true", help="tracebacks instead of one-line errors")
     return ap.parse_args(argv)
+
+
+def check_args(args, evals) -> None:
+    """Ranges and the checkpoint's existence, before any download or model load (one-line SystemExit)."""
+    for name in ("device_batch_size", "split_tokens"):
+        if getattr(args, name) < 1:
+            _fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_per_task != -1 and args.max_per_task < 1:
+        _fail(f"--max-per-task must be >= 1, or -1 for all; got {args.max_per_task}")
+    if args.step is not None and args.step < 0:
+        _fail(f"--step must be >= 0, got {args.step}")
+    if args.dtype is not None and args.dtype not in DTYPES:
+        _fail(f"--dtype {args.dtype!r} is not one of {sorted(DTYPES)}")
+    src = args.checkpoint or args.nanochat
+    if src is not None and not Path(src).is_dir():
+        _fail(f"checkpoint directory {src} does not exist")
+    if args.checkpoint is not None:
+        from nanochat_jax.checkpoint import Checkpointer, CheckpointError, checkpoint_dir
+
+        try:
+            with Checkpointer(checkpoint_dir(args.checkpoint), read_only=True) as ckpt:
+                ckpt.read_meta(args.step)
+        except CheckpointError as e:
+            _fail(f"cannot load the checkpoint: {e}")
+    if "core" in evals and src is not None:  # the CSV comes at the end: an unwritable place fails now
+        out_dir = Path(args.out_dir) if args.out_dir else home_dir() / "base_eval"
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=out_dir):
+                pass
+        except OSError as e:
+            _fail(f"cannot write --out-dir {out_dir}: {e.strerror or e}")
 
 
 def _fail(msg: str):
@@ -83,6 +117,7 @@ def main(argv=None) -> int:
     unknown = sorted(set(evals) - set(EVALS))
     if unknown:
         _fail(f"unknown --eval {unknown}; choose from {list(EVALS)}")
+    check_args(args, evals)
     dtype = resolve_dtype(args.dtype)
     jax.config.update("jax_compilation_cache_dir", str(home_dir() / "jax_cache"))  # persistent compile cache
 
@@ -184,4 +219,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))
