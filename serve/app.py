@@ -38,6 +38,7 @@ from nanochat_jax.engine import TOP_LOGPROBS, Engine
 from serve.scheduler import SEED_MAX, SEED_MIN, QueueFull, Request, Scheduler, SchedulerDead
 
 log = logging.getLogger("nanochat.serve")
+safety_log = logging.getLogger("nanochat.safety")  # decisions: request id and category, never the text
 STATIC = Path(__file__).parent / "static"
 TRUNCATE_HEADER = "X-Nanochat-Truncate"  # request header: drop the oldest turns to fit (the page sends it)
 TRUNCATED_HEADER = "X-Truncated-Messages"  # response header: how many messages were dropped
@@ -336,7 +337,7 @@ def create_app(engine_or_scheduler: Engine | Scheduler, model_name: str, api_key
         mid = f"modr-{uuid.uuid4().hex}"
         for t, r in zip(texts, results):
             if r["flagged"]:
-                log.info("safety: %s moderation flagged %s", mid, ",".join(k for k, v in r["categories"].items() if v))
+                safety_log.info("safety: %s moderation flagged %s", mid, ",".join(k for k, v in r["categories"].items() if v))
         return {"id": mid, "model": f"{model_name}-safety-policy", "results": results}
 
     chat_responses = _err_responses(400, 401, 429, 503)
@@ -354,14 +355,14 @@ def create_app(engine_or_scheduler: Engine | Scheduler, model_name: str, api_key
         if safety is not None:
             hit = safety.check("\n".join(m.text() for m in body.messages if m.role != "assistant"))
             if hit is not None:
-                log.info("safety: %s input flagged %s%s", cid, hit.category, f" user={body.user}" if body.user else "")
+                safety_log.info("safety: %s input flagged %s%s", cid, hit.category, f" user={body.user}" if body.user else "")
                 return _refusal(body, hit.refusal, cid, created, model_name, len(prompt), headers)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         guard = None
         if safety is not None:
             def guard():
                 g = safety.output_guard()
-                g.on_match = lambda cat: log.info("safety: %s output flagged %s", cid, cat)
+                g.on_match = lambda cat: safety_log.info("safety: %s output flagged %s", cid, cat)
                 return g
         bias = {int(k): v for k, v in (body.logit_bias or {}).items()}
         req = Request(prompt, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), max_tokens, n=body.n,
