@@ -601,12 +601,26 @@ def test_chat_eval_refuses_humaneval_before_loading_anything(monkeypatch, capsys
     from train import chat_eval
     monkeypatch.setattr(execution, "sandbox_status", lambda: (None, "bwrap is not installed (test)"))
     monkeypatch.setattr(execution, "_unsafe_default", False)
+    # valid arguments as far as chat_eval's own checks go; task loading is the next step
+    monkeypatch.setattr(chat_eval, "check_args", lambda args: None)
+    monkeypatch.setattr(chat_eval, "model_path", lambda args: "/model")
+    loaded = []
+
+    def make_task(name, *a):
+        loaded.append(name)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(chat_eval, "make_task", make_task)
     with pytest.raises(SystemExit, match="refusing to run model-written code.*--unsafe-exec"):
-        chat_eval.main(["-a", "HumanEval", "--checkpoint", "/nonexistent"])
-    # with the flag it goes on (and fails later: no checkpoint, maybe no data), having said so
-    with pytest.raises(SystemExit):
-        chat_eval.main(["-a", "HumanEval", "--checkpoint", "/nonexistent", "--unsafe-exec"])
+        chat_eval.main(["-a", "GSM8K|HumanEval"])
+    assert loaded == []  # refused before any task (or model) was loaded
+    with pytest.raises(SystemExit, match="stop here"):  # with the flag it goes on, having said so
+        chat_eval.main(["-a", "GSM8K|HumanEval", "--unsafe-exec"])
+    assert loaded == ["GSM8K"]
     assert "WARNING: code execution is NOT sandboxed" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="stop here"):  # no HumanEval: nothing to refuse
+        execution.set_unsafe_exec(False)
+        chat_eval.main(["-a", "GSM8K"])
 
 
 def test_probe_reports_why_there_is_no_sandbox(tmp_path, monkeypatch):
