@@ -10,10 +10,12 @@ TIKTOKEN_CACHE_DIR); offline, those columns are reported as skipped.
 from __future__ import annotations
 
 import argparse
+import sys
 import threading
 
 import tiktoken
 
+from nanochat_jax.common import run_cli
 from nanochat_jax.data.dataset import iter_texts, list_shards
 from nanochat_jax.tokenizer import Tokenizer, default_tokenizer_dir
 
@@ -103,9 +105,16 @@ def main(argv=None):
                                                           f"(default: {default_tokenizer_dir()})")
     ap.add_argument("--data-dir", default=None, help="parquet shards: adds the first train and val row groups")
     ap.add_argument("--download-timeout", type=float, default=30.0, help="seconds to wait for each baseline")
+    ap.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
     args = ap.parse_args(argv)
-
-    ours = Tokenizer.load(args.tokenizer_dir or default_tokenizer_dir())
+    if args.download_timeout < 0:
+        raise SystemExit(f"tok_eval: --download-timeout must be >= 0, got {args.download_timeout}")
+    try:
+        ours = Tokenizer.load(args.tokenizer_dir or default_tokenizer_dir())
+        if args.data_dir:
+            list_shards(args.data_dir)  # before the baseline downloads
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"tok_eval: {e}") from None
     encoders = {}
     for name in BASELINES:
         enc, why = load_baseline(name, args.download_timeout)
@@ -123,4 +132,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

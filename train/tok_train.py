@@ -11,11 +11,15 @@ the document that takes the total past --max-chars.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import tempfile
 import time
 from collections.abc import Iterator
 
+from nanochat_jax.common import run_cli
 from nanochat_jax.data.dataset import default_data_dir, iter_texts, list_shards
-from nanochat_jax.tokenizer import SPECIAL_TOKENS, Tokenizer, default_tokenizer_dir
+from nanochat_jax.tokenizer import MIN_VOCAB_SIZE, SPECIAL_TOKENS, Tokenizer, default_tokenizer_dir
 
 ROUND_TRIP_TEXT = ("Hello world! The year 2024 had 366 days; café, naïve, Größe. "
                    "안녕하세요 世界 🙂\n\tdef f(x):\n\t\treturn x ** 2  # <|bos|> stays text\n")
@@ -29,13 +33,27 @@ def main(argv=None):
     ap.add_argument("--vocab-size", type=int, default=32768, help="including 256 bytes and 9 specials")
     ap.add_argument("--max-chars", type=float, default=2e9, help="characters to train on (after doc-cap)")
     ap.add_argument("--doc-cap", type=int, default=10000, help="characters kept per document")
+    ap.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
     args = ap.parse_args(argv)
+    if args.vocab_size < MIN_VOCAB_SIZE:
+        raise SystemExit(f"tok_train: --vocab-size must be >= {MIN_VOCAB_SIZE} (256 bytes + {len(SPECIAL_TOKENS)} "
+                         f"specials + a merge), got {args.vocab_size}")
+    if args.max_chars <= 0 or args.doc_cap < 1:
+        raise SystemExit(f"tok_train: --max-chars must be > 0 and --doc-cap >= 1, got {args.max_chars:g} and "
+                         f"{args.doc_cap}")
 
     data_dir = args.data_dir or default_data_dir()
     try:
         train_files, val_file = list_shards(data_dir)
     except FileNotFoundError as e:
         raise SystemExit(f"tok_train: {e}") from None
+    out_dir = args.out_dir or default_tokenizer_dir()
+    try:  # the tokenizer is saved after minutes of training: an unwritable place fails now
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as e:
+        raise SystemExit(f"tok_train: cannot write --out-dir {out_dir}: {e.strerror or e}") from None
     print(f"training on {len(train_files)} shard(s) in {data_dir} (val shard {val_file.name} left out)")
 
     seen = {"docs": 0, "chars": 0}
@@ -50,7 +68,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     tok = Tokenizer.train(docs(), args.vocab_size, doc_cap=args.doc_cap, max_chars=int(args.max_chars))
     train_s = time.perf_counter() - t0
-    out = tok.save(args.out_dir or default_tokenizer_dir())
+    out = tok.save(out_dir)
 
     ids = tok.encode(ROUND_TRIP_TEXT)
     if tok.decode(ids) != ROUND_TRIP_TEXT or Tokenizer.load(out).encode(ROUND_TRIP_TEXT) != ids:
@@ -66,4 +84,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))
