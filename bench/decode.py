@@ -225,7 +225,7 @@ def bench_torch(args, config, params, prompts, new):
 
     from nanochat_jax.torch_ref import GPT as TorchGPT
 
-    ref = TorchGPT(config, dtype=torch.float32, device="cuda" if torch.cuda.is_available() else "cpu")
+    ref = TorchGPT(config, dtype=getattr(torch, args.dtype), device="cuda" if torch.cuda.is_available() else "cpu")
     ref.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state_dict_from_params(params, config).items()})
     ref.eval()
     for threads in args.torch_threads:  # 1 thread often wins on a busy 2-core machine (no OpenMP barriers)
@@ -251,6 +251,7 @@ def main(argv=None):
     ap.add_argument("--torch-threads", type=int, nargs="+", default=[1, 2], help="torch intra-op thread counts")
     ap.add_argument("--steps-per-call", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype (GPU: bfloat16)")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--part", choices=["all", "jax", "torch"], default="all",
                     help="all: JAX here, then torch in a fresh subprocess (torch's OpenMP threads slow to a "
@@ -265,7 +266,7 @@ def main(argv=None):
     prompts = rng.integers(0, config.vocab_size, (n_prompts, args.prompt_tokens)).tolist()
     new = args.new_tokens
     base = dict(depth=args.depth, n_embd=config.n_embd, vocab=config.vocab_size, prompt_tokens=args.prompt_tokens,
-                new_tokens=new, dtype="float32", device=str(jax.devices()[0].device_kind))
+                new_tokens=new, dtype=args.dtype, device=str(jax.devices()[0].device_kind))
     rows = []
 
     def emit(r, keep_out=False):
@@ -280,7 +281,7 @@ def main(argv=None):
 
     engine_out = None
     for steps in args.steps_per_call:
-        eng = E.Engine(params, config, tok, dtype=jnp.float32, steps_per_call=steps)
+        eng = E.Engine(params, config, tok, dtype=jnp.dtype(args.dtype), steps_per_call=steps)
         run = bench_engine(eng, prompts[0], new, steps)
         engine_out = run()["out"]  # warm-up (compiles)
         emit(best_run(run, args.repeats))

@@ -7,13 +7,15 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-import torch
 
+from helpers import needs_torch, torch
 from nanochat_jax import model
 from nanochat_jax.config import GPTConfig
 from nanochat_jax.convert import (export_nanochat_checkpoint, find_checkpoint, load_nanochat_checkpoint,
                                   params_from_state_dict, state_dict_from_params)
-from nanochat_jax.torch_ref import GPT as TorchGPT
+
+if torch is not None:
+    from nanochat_jax.torch_ref import GPT as TorchGPT
 
 CFG = GPTConfig(sequence_len=128, vocab_size=300, n_layer=3, n_head=4, n_kv_head=2, n_embd=64, window_pattern="SL")
 
@@ -35,8 +37,10 @@ def test_params_state_dict_params_is_bit_exact(dtype):
         np.testing.assert_array_equal(bits(a), bits(b))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_torch_state_dict_round_trip_is_bit_exact(dtype):
+@needs_torch
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_torch_state_dict_round_trip_is_bit_exact(dtype_name):
+    dtype = getattr(torch, dtype_name)
     ref = TorchGPT(CFG, dtype=dtype)
     sd = ref.state_dict()
     assert (sd["transformer.wte.weight"].dtype == dtype) and sd["lm_head.weight"].dtype == torch.float32
@@ -51,6 +55,7 @@ def test_torch_state_dict_round_trip_is_bit_exact(dtype):
             np.testing.assert_array_equal(got, t.numpy())
 
 
+@needs_torch
 def test_linear_weights_are_transposed_and_embeddings_are_not():
     ref = TorchGPT(CFG, dtype=torch.float32)
     p = params_from_state_dict(ref.state_dict(), CFG)
@@ -60,11 +65,13 @@ def test_linear_weights_are_transposed_and_embeddings_are_not():
     assert p["smear_gate"]["kernel"].shape == (24, 1)
 
 
+@needs_torch
 def test_orig_mod_prefix_is_stripped():
     sd = {"_orig_mod." + k: v for k, v in TorchGPT(CFG, dtype=torch.float32).state_dict().items()}
     assert "wte" in params_from_state_dict(sd, CFG)
 
 
+@needs_torch
 def test_bad_state_dicts_name_the_key():
     sd = TorchGPT(CFG, dtype=torch.float32).state_dict()
     missing = {k: v for k, v in sd.items() if k != "transformer.h.1.attn.c_k.weight"}
@@ -84,6 +91,7 @@ def test_bad_state_dicts_name_the_key():
         state_dict_from_params(params, CFG)
 
 
+@needs_torch
 def test_export_then_load_gives_identical_logits_and_upstream_layout(tmp_path):
     params = model.init_params(CFG, jax.random.key(1), jnp.float32)
     # switch on the zero-initialized paths so the logits depend on every tensor
@@ -107,6 +115,7 @@ def test_export_then_load_gives_identical_logits_and_upstream_layout(tmp_path):
     assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 1e-5
 
 
+@needs_torch
 def test_load_casts_embeddings_to_compute_dtype(tmp_path):
     ref = TorchGPT(CFG, dtype=torch.bfloat16)  # as upstream saves on GPU: bf16 tables, fp32 matrices
     d = tmp_path / "ckpt"
@@ -121,6 +130,7 @@ def test_load_casts_embeddings_to_compute_dtype(tmp_path):
     np.testing.assert_array_equal(p["wte"].view(np.int16), ref.transformer.wte.weight.view(torch.int16).numpy())
 
 
+@needs_torch
 def test_old_checkpoint_without_lambdas_or_window_pattern(tmp_path):
     cfg = GPTConfig(sequence_len=128, vocab_size=300, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, window_pattern="L")
     sd = TorchGPT(cfg, dtype=torch.float32).state_dict()
@@ -135,6 +145,7 @@ def test_old_checkpoint_without_lambdas_or_window_pattern(tmp_path):
     np.testing.assert_array_equal(p["x0_lambdas"], [0, 0])
 
 
+@needs_torch
 def test_step_selection_and_bad_checkpoints(tmp_path):
     params = model.init_params(CFG, jax.random.key(0), jnp.float32)
     for step in (5, 20, 100):
@@ -164,6 +175,7 @@ def test_step_selection_and_bad_checkpoints(tmp_path):
         load_nanochat_checkpoint(tmp_path, step=5)
 
 
+@needs_torch
 def test_export_leaves_no_temp_files_when_interrupted(tmp_path, monkeypatch):
     params = model.init_params(CFG, jax.random.key(0), jnp.float32)
 
@@ -175,3 +187,15 @@ def test_export_leaves_no_temp_files_when_interrupted(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         export_nanochat_checkpoint(params, CFG, tmp_path, step=3)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_without_torch_names_the_extra(tmp_path, monkeypatch):
+    """Where torch is missing (3.12+ without our pin), writing upstream's .pt says how to get it."""
+    import sys
+
+    from nanochat_jax import convert
+    monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` fail, installed or not
+    params = model.init_params(CFG, jax.random.key(0), jnp.float32)
+    with pytest.raises(ImportError, match=r"needs torch: pip install 'nanochat-jax\[torch\]'"):
+        convert.export_nanochat_checkpoint(params, CFG, tmp_path, step=1)
+    assert not list(tmp_path.iterdir())

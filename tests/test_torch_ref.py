@@ -8,12 +8,13 @@ module under test.
 import math
 
 import pytest
-import torch
-import torch.nn.functional as F
 
-from nanochat_jax.config import GPTConfig
-from nanochat_jax.torch_ref import GPT, generate
-from nanochat_jax.torch_ref.model import sliding_window_mask, window_sizes
+torch = pytest.importorskip("torch", reason="tests of the torch reference backend need torch")
+import torch.nn.functional as F  # noqa: E402
+
+from nanochat_jax.config import GPTConfig  # noqa: E402
+from nanochat_jax.torch_ref import GPT, generate  # noqa: E402
+from nanochat_jax.torch_ref.model import sliding_window_mask, window_sizes  # noqa: E402
 
 SMALL = dict(sequence_len=256, vocab_size=300, n_layer=3, n_head=4, n_kv_head=2, n_embd=64)
 

@@ -8,10 +8,11 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
-from nanochat_jax.config import GPTConfig
-from nanochat_jax.torch_ref import (
+torch = pytest.importorskip("torch", reason="tests of the torch reference backend need torch")
+
+from nanochat_jax.config import GPTConfig  # noqa: E402
+from nanochat_jax.torch_ref import (  # noqa: E402
     GPT,
     MuonAdamW,
     apply_schedules,
