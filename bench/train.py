@@ -28,6 +28,15 @@ from nanochat_jax.convert import params_from_state_dict
 from nanochat_jax.train_step import init_train_state, make_train_step
 
 
+def cache_files(path):
+    """Entries in JAX's persistent compilation cache (None without one): equal before and after a
+    run means every compile was a cache hit."""
+    if not path:
+        return None
+    from pathlib import Path
+    return sum(1 for p in Path(path).rglob("*") if p.is_file())
+
+
 def jax_peak_bytes():
     """Peak bytes in use on the first device so far (None where the backend keeps no stats, e.g. CPU)."""
     stats = jax.devices()[0].memory_stats() or {}
@@ -44,6 +53,7 @@ def main(argv=None):
     ap.add_argument("--mesh", default="data=-1")
     ap.add_argument("--framework", default="both", choices=["both", "jax", "torch"])
     ap.add_argument("--no-torch", action="store_true", help="same as --framework jax")
+    ap.add_argument("--torch-eager", action="store_true", help="the torch loop without torch.compile")
     ap.add_argument("--compile-cache", metavar="DIR", help="JAX persistent compilation cache directory")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
@@ -94,19 +104,21 @@ def main(argv=None):
             def jax_step():
                 state[0], m = step(state[0], x, y)
                 jax.block_until_ready(m["loss"])
+            cached_before = cache_files(args.compile_cache)
             t0 = time.perf_counter()
             jax_step()
             compile_s = time.perf_counter() - t0
             jax_s = timed(jax_step, args.warmup, args.iters)
             print(json.dumps(dict(base, framework="jax", step_s=jax_s, tok_per_s=n_tok / jax_s, compile_s=compile_s,
-                                  compile_cache=bool(args.compile_cache), peak_bytes=jax_peak_bytes(),
+                                  cache_files_before=cached_before, cache_files_after=cache_files(args.compile_cache),
+                                  peak_bytes=jax_peak_bytes(),
                                   mfu=mfu(fpt, n_tok, jax_s, jax.device_count(), peak))), flush=True)
             del state, step
         if ref is None:
             continue
 
         opt = setup_optimizer(ref, weight_decay=0.1)
-        fwd = torch.compile(ref)
+        fwd = ref if args.torch_eager else torch.compile(ref)
         tx_, ty_ = (torch.from_numpy(a[0].astype(np.int64)).to(device) for a in (x, y))
         cuda = device == "cuda"
         if cuda:
@@ -123,7 +135,7 @@ def main(argv=None):
         torch_step()
         tcompile_s = time.perf_counter() - t0
         torch_s = timed(torch_step, args.warmup, args.iters)
-        print(json.dumps(dict(base, framework="torch_ref+compile", step_s=torch_s, tok_per_s=n_tok / torch_s,
+        print(json.dumps(dict(base, framework="torch_ref" + ("" if args.torch_eager else "+compile"), step_s=torch_s, tok_per_s=n_tok / torch_s,
                               compile_s=tcompile_s, peak_bytes=torch.cuda.max_memory_allocated() if cuda else None,
                               mfu=mfu(fpt, n_tok, torch_s, 1, peak))), flush=True)
         if jax_s is not None:
