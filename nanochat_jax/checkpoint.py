@@ -6,7 +6,8 @@ One step directory holds three items:
 - `data`:  each process's Grain iterator state, `process_{i}-of-{n}.json` (Grain's own
   Orbax handler), so every host resumes its own stream; optional;
 - `meta`:  JSON written by process 0 only: {"step", "model_config", "user_config",
-  "loop_state", ...} like nanochat's meta_{step}.json.
+  "loop_state", ...} like nanochat's meta_{step}.json;
+- `checksums`: JSON {array path: digest} of the state's arrays (ChecksumHandler), process 0.
 
 Completion: the commit-file protocol on every filesystem. A step directory counts only
 once `commit_success.txt` is in it, and Orbax writes that last, after every item and host
@@ -18,8 +19,9 @@ directories are ignored in both modes.)
 
 Integrity: the commit marker says a save finished, not that its bytes are still right (Orbax's
 zstd chunks carry no checksum: one flipped byte restores as a wrong number). Each save records
-a checksum of every array in the step's Orbax metadata (written before the marker); every
-restore recomputes it on the restored arrays. A step that fails that, or cannot be read at
+a checksum of every array as the step's `checksums` item: the device computes the digests while
+Orbax writes, and the item, like every item, is complete before the marker. Every restore
+recomputes them on the restored arrays. A step that fails that, or cannot be read at
 all, raises CheckpointCorruptError; asked for "the latest", restore says which step is bad
 and falls back to the newest intact one.
 
@@ -31,8 +33,10 @@ Every error a user can act on is a CheckpointError whose message is one line.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
+import json
 import logging
 import os
 import shutil
@@ -53,7 +57,7 @@ from nanochat_jax.config import GPTConfig
 from nanochat_jax.train_step import TrainState, train_state_shardings
 
 COMMIT_MARKER = "commit_success.txt"  # Orbax's commit file (atomicity_types.COMMIT_SUCCESS_FILE)
-CHECKSUMS = "array_checksums"  # key in the step's Orbax custom metadata: {array path: "dtype:hex digest"}
+CHECKSUMS = "checksums"  # the step item holding {array path: "dtype:hex digest"}
 
 
 class CheckpointError(Exception):
@@ -101,12 +105,18 @@ def _words_jnp(x):
 
 
 def _digest_jnp(x):
+    """Σ i·w_i is taken through the per-axis marginal sums (Σ_d stride_d Σ_k k·m_d[k]): no index array the
+    size of x, so it costs about what a plain sum does."""
     w = _words_jnp(x)
-    idx, stride = jnp.zeros(w.shape, jnp.uint32), 1
+    total = w.sum(dtype=jnp.uint32)
+    weighted, stride = jnp.uint32(0), 1
     for d in reversed(range(w.ndim)):
-        idx = idx + jax.lax.broadcasted_iota(jnp.uint32, w.shape, d) * jnp.uint32(stride % 2**32)
+        others = tuple(a for a in range(w.ndim) if a != d)
+        m = w.sum(axis=others, dtype=jnp.uint32) if others else w
+        k = jnp.arange(w.shape[d], dtype=jnp.uint32)
+        weighted = weighted + jnp.uint32(stride % 2**32) * (m * k).sum(dtype=jnp.uint32)
         stride *= w.shape[d]
-    return jnp.stack([w.sum(dtype=jnp.uint32), (w * (2 * idx + 1)).sum(dtype=jnp.uint32)])
+    return jnp.stack([total, 2 * weighted + total])  # Σ w·(2i+1)
 
 
 @functools.cache
@@ -128,22 +138,69 @@ def _path_name(path) -> str:
     return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
-def array_checksums(tree) -> dict[str, str]:
-    """{array path: "dtype:16 hex digits"} for every jax/numpy array in `tree` (other leaves are skipped)."""
+def _start_digests(tree) -> list:
+    """[(path, dtype name, digest)] with jax arrays' digests still being computed on their devices."""
     named = [(_path_name(p), x) for p, x in jax.tree_util.tree_leaves_with_path(tree)]
     dev = [(k, x) for k, x in named if isinstance(x, jax.Array) and not jnp.issubdtype(x.dtype, jax.dtypes.extended)]
-    out = {}
-    if dev:
-        digests = _digest_fn()([x for _, x in dev])
-        for (k, x), d in zip(dev, digests):
-            d = d if d.is_fully_addressable else d.addressable_data(0)  # replicated: every host has it
-            s, ws = (int(v) for v in np.asarray(d))
-            out[k] = f"{x.dtype.name}:{s:08x}{ws:08x}"
-    for k, x in named:
-        if isinstance(x, (np.ndarray, np.generic)):
-            s, ws = _digest_np(x)
-            out[k] = f"{np.dtype(x.dtype).name}:{s:08x}{ws:08x}"
+    out = [(k, x.dtype.name, d) for (k, x), d in zip(dev, _digest_fn()([x for _, x in dev]) if dev else [])]
+    out += [(k, np.dtype(x.dtype).name, _digest_np(x)) for k, x in named if isinstance(x, (np.ndarray, np.generic))]
     return out
+
+
+def _finish_digests(started: list) -> dict[str, str]:
+    out = {}
+    for k, dtype, d in started:
+        if isinstance(d, jax.Array):
+            d = np.asarray(d if d.is_fully_addressable else d.addressable_data(0))  # replicated: every host has it
+        s, ws = (int(v) for v in d)
+        out[k] = f"{dtype}:{s:08x}{ws:08x}"
+    return out
+
+
+def array_checksums(tree) -> dict[str, str]:
+    """{array path: "dtype:16 hex digits"} for every jax/numpy array in `tree` (other leaves are skipped)."""
+    return _finish_digests(_start_digests(tree))
+
+
+class ChecksumHandler(ocp.AsyncCheckpointHandler):
+    """The `checksums` item. Saving takes digests the devices are still computing and writes them in
+    Orbax's background commit, so save() returns without waiting for them; process 0 writes."""
+
+    FILENAME = "checksums.json"
+
+    async def async_save(self, directory: epath.Path, args: ChecksumSave):
+        async def write():
+            if jax.process_index() == 0:
+                (directory / self.FILENAME).write_text(json.dumps(_finish_digests(args.started)))
+        return [ocp.future.CommitFutureAwaitingContractedSignals(write(), name="checksums_save")]
+
+    def save(self, directory: epath.Path, args: ChecksumSave):
+        if jax.process_index() == 0:
+            (directory / self.FILENAME).write_text(json.dumps(_finish_digests(args.started)))
+
+    def restore(self, directory: epath.Path, args: ChecksumRestore | None = None) -> dict:
+        return json.loads((directory / self.FILENAME).read_text())
+
+    def metadata(self, directory: epath.Path):
+        return None
+
+    def finalize(self, directory: epath.Path) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@ocp.args.register_with_handler(ChecksumHandler, for_save=True)
+@dataclasses.dataclass
+class ChecksumSave(ocp.args.CheckpointArgs):
+    started: list  # _start_digests(state)
+
+
+@ocp.args.register_with_handler(ChecksumHandler, for_restore=True)
+@dataclasses.dataclass
+class ChecksumRestore(ocp.args.CheckpointArgs):
+    pass
 
 
 def _tree_nbytes(tree) -> int:
@@ -251,6 +308,7 @@ class Checkpointer:
             "state": ocp.StandardCheckpointHandler(),
             "data": grain.checkpoint.CheckpointHandler(),
             "meta": ocp.JsonCheckpointHandler(),
+            CHECKSUMS: ChecksumHandler(),
         })
 
     # ---- save --------------------------------------------------------------------------------
@@ -276,12 +334,12 @@ class Checkpointer:
             raise CheckpointSaveError(f"not saving step {step}: {self.directory} already has step {latest}; "
                                       "a directory holds one run (see --resume / --overwrite)")
         items = {"state": ocp.args.StandardSave(state),
-                 "meta": ocp.args.JsonSave({**(meta or {}), "step": step})}
+                 "meta": ocp.args.JsonSave({**(meta or {}), "step": step}),
+                 CHECKSUMS: ChecksumSave(_start_digests(state))}  # dispatched before training may donate `state`
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        sums = array_checksums(state)
         try:
-            saved = self._manager.save(step, args=ocp.args.Composite(**items), custom_metadata={CHECKSUMS: sums})
+            saved = self._manager.save(step, args=ocp.args.Composite(**items))
         except Exception as e:
             raise self._save_error(step, e) from None
         if not saved:
@@ -495,12 +553,14 @@ class Checkpointer:
 
     def _recorded_checksums(self, step: int) -> dict | None:
         """The checksums saved with `step` (None for steps saved before checksums existed)."""
+        item = self._step_dir(step) / CHECKSUMS
+        if not item.exists():
+            return None
         try:
-            custom = ocp.metadata.get_step_metadata(self._step_dir(step)).custom_metadata or {}
+            return ChecksumHandler().restore(item)
         except Exception as e:
-            raise CheckpointCorruptError(f"checkpoint step {step} in {self.directory} has unreadable step "
-                                         f"metadata: {_first_line(e)}", step) from None
-        return custom.get(CHECKSUMS)
+            raise CheckpointCorruptError(f"checkpoint step {step} in {self.directory} has unreadable checksums: "
+                                         f"{_first_line(e)}", step) from None
 
     def _verify(self, step: int, tree, recorded: dict | None) -> None:
         """Compare the restored arrays with the checksums recorded at save. A leaf restored in
