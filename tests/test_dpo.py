@@ -229,13 +229,16 @@ def test_cached_reference_step_equals_reference_params_step(tiny):
 QA = [("What colour is the sky?", "The sky is blue."), ("Say hello.", "Hello there, friend!"),
       ("Count to three.", "One, two, three."), ("Name a fruit.", "An apple is a fruit."),
       ("What do cats say?", "Cats say meow."), ("Where is Paris?", "Paris is in France.")]
+RUDE = ["No.", "Go away.", "I refuse to answer.", "Ask someone else.", "Not telling you.", "Whatever, human."]
 
 
 @pytest.fixture(scope="module")
 def dpo_setup(tmp_path_factory):
-    """A tokenizer, a random-init 'SFT run' checkpoint, pairs (rejected = another question's answer)."""
+    """A tokenizer, a random-init 'SFT run' checkpoint, pairs (chosen = the answer, rejected = a rude reply).
+    (At init the blocks' output projections are 0, so the model ignores context: another question's
+    answer as the rejected reply would be unlearnable for it in a few steps.)"""
     d = tmp_path_factory.mktemp("dpo")
-    tok = Tokenizer.train([t for qa in QA for t in qa] * 20, 300)
+    tok = Tokenizer.train([t for qa in QA for t in qa] * 20 + RUDE * 20, 300)
     tok.save(d / "tok")
     cfg = GPTConfig(sequence_len=32, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
                     window_pattern="L")
@@ -249,30 +252,30 @@ def dpo_setup(tmp_path_factory):
             "user_config": {"val_mixture": f"jsonl={convs}"}}
     with Checkpointer(d / "sft" / "checkpoints", async_save=False) as ckpt:
         ckpt.save(7, state, meta=meta)
-    pairs = [{"prompt": q, "chosen": a, "rejected": QA[(i + 1) % len(QA)][1]} for i, (q, a) in enumerate(QA)]
+    pairs = [{"prompt": q, "chosen": a, "rejected": RUDE[i]} for i, (q, a) in enumerate(QA)]
     (d / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     return d, tok
 
 
 def common_args(d, out, *extra):
     return ["--sft-dir", str(d / "sft"), "--tokenizer-dir", str(d / "tok"), "--out-dir", str(out),
-            "--mixture", f"jsonl={d / 'pairs.jsonl'}", "--device-batch-size", "1", "--pairs-per-step", "2",
-            "--mesh", "data=2", "--chatcore-every", "-1", *extra]
+            "--mixture", f"jsonl={d / 'pairs.jsonl'}", "--device-batch-size", "1", "--pairs-per-step", "8",
+            "--chatcore-every", "-1", *extra]  # 8 (fake) devices: 8 pairs per micro-step
 
 
 def test_dpo_raises_preference_accuracy_and_writes_a_loadable_model(dpo_setup, tmp_path, capsys):
     d, tok = dpo_setup
     out = tmp_path / "run"
-    dpo_cli.main(common_args(d, out, "--val-mixture", f"jsonl={d / 'pairs.jsonl'}", "--epochs", "8", "--beta", "0.5",
-                             "--init-lr-frac", "1.0", "--eval-every", "12", "--eval-tokens", "256"))
+    dpo_cli.main(common_args(d, out, "--val-mixture", f"jsonl={d / 'pairs.jsonl'}", "--epochs", "16", "--beta", "0.5",
+                             "--init-lr-frac", "0.1", "--eval-every", "6", "--eval-tokens", "256"))
     printed = capsys.readouterr().out
-    assert "held-out preference accuracy (implicit reward): 50.0% -> 100.0%" in printed
+    assert "held-out preference accuracy (implicit reward): 50.0% -> 100.0%" in printed, printed
     records = read_metrics(out / "metrics.jsonl")
     acc = [r["pref/acc"] for r in records if "pref/acc" in r]
-    assert acc[0] == 0.5 and acc[-1] == 1.0 and len(acc) == 3  # steps 0, 12, 24
-    assert [r["step"] for r in records if "train/loss_raw" in r] == list(range(24))
-    cached = [r["step"] for r in records if "train/margin" in r]
-    assert cached == list(range(24))
+    assert acc[0] == 0.5 and acc[-1] == 1.0 and len(acc) == 3  # steps 0, 6, 12
+    logp_acc = [r["pref/logp_acc"] for r in records if "pref/logp_acc" in r]
+    assert logp_acc[-1] > logp_acc[0]
+    assert [r["step"] for r in records if "train/loss_raw" in r] == list(range(12))
     bpb = [r["val/bpb"] for r in records if "val/bpb" in r]
     assert len(bpb) == 3 and all(np.isfinite(bpb))  # the SFT run's own val mixture, by default
     report = (out / "report.md").read_text()
@@ -280,7 +283,7 @@ def test_dpo_raises_preference_accuracy_and_writes_a_loadable_model(dpo_setup, t
     for png in ("reward_acc.png", "margin.png", "chosen_logp.png", "rejected_logp.png", "heldout_acc.png"):
         assert (out / png).stat().st_size > 1000
     params, config, meta = load_params(out)  # what chat_eval --checkpoint, serve.app and serve.cli call
-    assert meta["step"] == 24 and meta["start"]["step"] == 7 and config.sequence_len == 32
+    assert meta["step"] == 12 and meta["start"]["step"] == 7 and config.sequence_len == 32
     from serve.app import load_engine
     engine = load_engine(str(out / "checkpoints"), False, str(d / "tok"))
     assert engine.complete(tok.render_for_completion({"messages": [{"role": "user", "content": "Say hello."}]}),

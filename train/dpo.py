@@ -137,8 +137,10 @@ class PairEval:
         sh = sharding.batch_sharding(mesh)
         for _ in range(math.ceil(n / pairs_global)):  # the same count on every process; skips only add coverage
             b = next(loader)
-            fresh = np.array([int(i) not in seen for i in b["pair_ids"]])  # the last batch may wrap around
-            seen.update(int(i) for i in b["pair_ids"])
+            fresh = np.zeros(len(b["pair_ids"]), bool)  # a batch may wrap around to pairs already taken
+            for k, i in enumerate(b["pair_ids"].tolist()):
+                fresh[k] = i not in seen
+                seen.add(i)
             self.batches.append((sharding.global_batch(b["inputs"], sh), sharding.global_batch(b["targets"], sh)))
             self.keep.append(fresh)
         self.cropped, self.skipped = b["cropped"], b["skipped"]
