@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +27,8 @@ import pyarrow.parquet as pq
 from nanochat_jax.data.packing import BestFitCropIterDataset
 from nanochat_jax.data.pipeline import list_shards, pretrain_loader, read_shard_texts, split_shards
 
-TEXT = Path(__file__).resolve().parents[2] / "shared/data/text/tinyshakespeare.txt"
+# Any plain-text file to slice synthetic documents from (NANOCHAT_BENCH_TEXT); random letters without one.
+TEXT = Path(os.environ.get("NANOCHAT_BENCH_TEXT", "/nonexistent"))
 BYTE_BOS = 256
 
 
@@ -48,7 +50,7 @@ def doc_lengths(n: int, median: int, rng) -> np.ndarray:
 
 
 def synthetic_texts(n: int, median_chars: int, rng) -> list[str]:
-    """Slices of tiny Shakespeare (or random letters if it is absent) with log-normal lengths."""
+    """Slices of the NANOCHAT_BENCH_TEXT file (or random letters without one) with log-normal lengths."""
     corpus = TEXT.read_text() if TEXT.exists() else "".join(rng.choice(list("abcde fghij "), 1 << 20))
     out = []
     for n_chars in doc_lengths(n, median_chars, rng):

