@@ -284,5 +284,6 @@ def check_model_fits(num_params: int, what: str) -> None:
     need = num_params * TRAIN_BYTES_PER_PARAM
     have, where = device_memory_bytes()
     if have is not None and need > have:
-        raise ValueError(f"{what} has {num_params / 1e9:,.2f}B parameters: weights, gradients and optimizer state "
-                         f"need about {need / 2**30:,.1f} GiB, but the {where} have {have / 2**30:,.1f} GiB")
+        count = next(f"{num_params / v:,.1f}{u}" for v, u in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1, "")) if num_params >= v)
+        raise ValueError(f"{what} has {count} parameters: weights, gradients and optimizer state need about "
+                         f"{need / 2**30:,.1f} GiB, but the {where} have {have / 2**30:,.1f} GiB")
