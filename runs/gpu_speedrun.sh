@@ -6,6 +6,7 @@
 #
 #   bash runs/gpu_speedrun.sh                        # DEPTH=24, MESH=fsdp=-1, ~170 shards
 #   DEPTH=20 RL=1 bash runs/gpu_speedrun.sh          # smaller model, add the RL stage
+#   DPO=1 bash runs/gpu_speedrun.sh                  # add a DPO stage on HH-RLHF after SFT
 #   DRY_RUN=1 bash runs/gpu_speedrun.sh              # print the commands, run nothing
 #
 # Needs internet for the shards, the CORE eval bundle and the SFT/eval task data (all
@@ -52,6 +53,14 @@ run "$PY" -m train.base_eval --checkpoint "$NANOCHAT_JAX_HOME/base_checkpoints/$
 echo "== SFT =="
 run "$PY" -m train.sft --base-dir "$NANOCHAT_JAX_HOME/base_checkpoints/$TAG" --mesh "$MESH" --model-tag "$TAG"
 run "$PY" -m train.chat_eval -i sft $UNSAFE_FLAG --out "$NANOCHAT_JAX_HOME/chatsft_checkpoints/$TAG/chat_eval.json"
+
+if [ "${DPO:-0}" = 1 ]; then
+  echo "== DPO (preference optimization on HH-RLHF) =="
+  run "$PY" -m train.dpo --sft-dir "$NANOCHAT_JAX_HOME/chatsft_checkpoints/$TAG" --mesh "$MESH" --model-tag "$TAG" \
+    --mixture 'hh-rlhf@train[:32000]' --val-mixture 'hh-rlhf@test[:1000]' --max-seq-len 1024
+  run "$PY" -m train.chat_eval --checkpoint "$NANOCHAT_JAX_HOME/chatdpo_checkpoints/$TAG" $UNSAFE_FLAG \
+    --out "$NANOCHAT_JAX_HOME/chatdpo_checkpoints/$TAG/chat_eval.json"
+fi
 
 if [ "${RL:-0}" = 1 ]; then
   echo "== RL =="

@@ -290,6 +290,7 @@ def test_dpo_raises_preference_accuracy_and_writes_a_loadable_model(dpo_setup, t
                            max_tokens=4, temperature=0.0)
 
 
+@pytest.mark.slow
 def test_exact_resume_after_sigkill(dpo_setup, tmp_path):
     """A run SIGKILLed mid-flight, resumed from its last complete checkpoint, logs exactly the losses of a run
     that never stopped. Two epochs over 6 pairs, so the cached reference (in the data state) is exercised."""
@@ -341,3 +342,23 @@ def test_errors(dpo_setup, tmp_path):
         args = common_args(d, tmp_path / "o", "--val-mixture", "none", "--sft-val-mixture", "none")
         with pytest.raises(SystemExit, match=msg):
             dpo_cli.main([*args, *extra])
+
+
+def test_speedrun_dpo_stage_flags():
+    """DPO=1 bash runs/gpu_speedrun.sh adds train.dpo (flags it accepts) and its chat_eval after SFT."""
+    import shlex
+
+    env = {**os.environ, "DRY_RUN": "1", "NANOCHAT_JAX_HOME": "/nc", "DEPTH": "20"}
+    def modules(**extra):
+        out = subprocess.run(["bash", "runs/gpu_speedrun.sh"], cwd=REPO, capture_output=True, text=True, check=True,
+                             env={**env, **extra}).stdout
+        return [shlex.split(line[2:].rstrip(" &")) for line in out.splitlines() if line.startswith("+ ")]
+    cmds = modules(DPO="1")
+    names = [c[2] for c in cmds]
+    i = names.index("train.dpo")
+    assert names[i - 2:i] == ["train.sft", "train.chat_eval"] and names[i + 1] == "train.chat_eval"
+    args = dpo_cli.parse_args(cmds[i][3:])
+    assert (args.sft_dir, args.mesh, args.model_tag) == ("/nc/chatsft_checkpoints/d20", "fsdp=-1", "d20")
+    assert args.mixture.startswith("hh-rlhf@train") and args.val_mixture.startswith("hh-rlhf@test")
+    assert "/nc/chatdpo_checkpoints/d20" in cmds[i + 1]
+    assert "train.dpo" not in [c[2] for c in modules()]  # only when asked
