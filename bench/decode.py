@@ -44,14 +44,15 @@ UPSTREAM = {1: 470.0, 8: 1850.0}  # upstream nanochat's decode tok/s at batch 1 
 
 
 class BenchTokenizer:
-    """Ids 0..V-1 are text; the specials sit past the vocabulary, so greedy decoding never
-    stops early and every run yields exactly --new-tokens tokens."""
+    """The specials are the last ids of the vocabulary; make_params zeroes their head columns, so
+    their logits (0) never win a greedy step: every run yields exactly --new-tokens tokens."""
 
     def __init__(self, vocab_size):
         self.vocab_size = vocab_size
+        self.n_text = vocab_size - len(SPECIAL_TOKENS)
 
     def encode_special(self, s):
-        return self.vocab_size + SPECIAL_TOKENS.index(s)
+        return self.n_text + SPECIAL_TOKENS.index(s)
 
     def encode(self, text):
         return list(text.encode())
@@ -64,8 +65,9 @@ def make_params(config, seed=0):
     """Init params with every weight perturbed (init zeroes c_proj), so all blocks do work."""
     params = model.init_params(config, jax.random.key(seed), jnp.float32)
     rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda a: jnp.asarray(np.asarray(a) + 0.02 * rng.standard_normal(a.shape).astype(a.dtype)),
-                        params)
+    params = jax.tree.map(lambda a: np.asarray(a) + 0.02 * rng.standard_normal(a.shape).astype(a.dtype), params)
+    params["lm_head"]["kernel"][:, config.vocab_size - len(SPECIAL_TOKENS):] = 0.0  # BenchTokenizer's specials
+    return jax.tree.map(jnp.asarray, params)
 
 
 def row(impl, batch, tokens, wall, ttfts, **extra):
@@ -263,7 +265,7 @@ def main(argv=None):
     tok = BenchTokenizer(config.vocab_size)
     rng = np.random.default_rng(0)
     n_prompts = max(args.streams + args.torch_batch + [1])
-    prompts = rng.integers(0, config.vocab_size, (n_prompts, args.prompt_tokens)).tolist()
+    prompts = rng.integers(0, tok.n_text, (n_prompts, args.prompt_tokens)).tolist()
     new = args.new_tokens
     base = dict(depth=args.depth, n_embd=config.n_embd, vocab=config.vocab_size, prompt_tokens=args.prompt_tokens,
                 new_tokens=new, dtype=args.dtype, device=str(jax.devices()[0].device_kind))

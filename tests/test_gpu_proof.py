@@ -35,7 +35,7 @@ def test_cpu_smoke_runs_every_phase_end_to_end(tmp_path):
     assert env_row["backend"] == "cpu" and env_row["python"] == ".".join(map(str, sys.version_info[:3]))
     # the gpu-marked tests really ran on CPU (the cuDNN ones skip), none failed
     t = status["tests"]
-    assert t["failed"] == 0 and t["errors"] == 0 and t["passed"] >= (7 if has_torch else 5) and t["skipped"] >= 3
+    assert t["failed"] == 0 and t["errors"] == 0 and t["passed"] >= (6 if has_torch else 4) and t["skipped"] >= 3
 
     (jax_row,) = [x for x in rows if x["phase"] == "train_jax" and "step_s" in x]
     assert jax_row["framework"] == "jax" and jax_row["depth"] == 2 and jax_row["tok_per_s"] > 0
