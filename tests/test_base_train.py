@@ -122,13 +122,13 @@ def test_resume_skips_an_incomplete_checkpoint_and_changes_mesh(data, tmp_path):
     before = losses(out)
     # step 6 looks like a save killed mid-write (no commit marker): it must not be used
     (out / "checkpoints" / "6" / "commit_success.txt").unlink()
-    shutil.rmtree(out / "nanochat")
+    shutil.rmtree(out / "nanochat", ignore_errors=True)  # the .pt export exists only with torch
     base_train.main(argv(data, out, "--num-iterations", "6", "--save-every", "3", "--eval-every", "-1",
                          "--mesh", "data=2,model=4", "--device-batch-size", "4", "--head-dim", "32", "--resume"))
     after = losses(out)
     for s in (3, 4, 5):  # same rows, same math, another layout: equal up to reduction order
         assert after[s] == pytest.approx(before[s], rel=1e-5)
-    assert (out / "nanochat" / "model_000006.pt").is_file()
+    assert (out / "nanochat" / "model_000006.pt").is_file() == (torch is not None)
 
 
 def test_two_processes_save_one_checkpoint_and_resume(data, tmp_path):
