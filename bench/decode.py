@@ -123,7 +123,7 @@ def bench_scheduler(sched, prompts, new, steps):
 # ---- the torch reference ------------------------------------------------------------------------------
 
 class TorchKVDecoder:
-    """nanochat's forward with a KV cache, written over torch_ref's modules (spec §3, §8):
+    """nanochat's forward with a KV cache, written over torch_ref's modules (docs/numerics.md#generation):
     preallocated (layer, B, Hkv, T, D) caches, smear from the cached previous embedding,
     rotary at absolute positions, sliding windows as SDPA masks. All rows share one length."""
 

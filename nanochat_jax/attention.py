@@ -110,7 +110,7 @@ def _splash(q_BTHD, k_BTKD, v_BTKD, *, window_left: int, interpret: bool):
     if mesh.empty or mesh.size == 1:
         return fn(q_BTHD, k_BTKD, v_BTKD)
     # Mosaic kernels are not auto-partitioned: run one kernel per device on its own batch
-    # rows and heads. Axes the mesh does not have are dropped from the spec.
+    # rows and heads. Axes the mesh does not have are dropped from the PartitionSpec.
     batch_axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names) or None
     head_axis = "model" if "model" in mesh.axis_names else None
     spec = P(batch_axes, None, head_axis, None)

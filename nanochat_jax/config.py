@@ -1,4 +1,4 @@
-"""GPTConfig and the depth dial (spec §3.1): every derived model number lives here.
+"""GPTConfig and the depth dial (docs/numerics.md#depth-dial): every derived model number lives here.
 
 nanochat turns one integer, --depth, into a whole model. `config_for_depth` is that
 dial; `GPTConfig` holds nanochat's own fields (the same names its checkpoints store in

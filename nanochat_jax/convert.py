@@ -1,4 +1,4 @@
-"""nanochat state_dicts and checkpoints ↔ our JAX params (spec §3.2, §10).
+"""nanochat state_dicts and checkpoints ↔ our JAX params (docs/numerics.md#checkpoint-interop).
 
 A nanochat state_dict is a flat map of torch names to (out, in) tensors; our params are
 a nested dict of (in, out) kernels. `NAME_MAP` is the whole correspondence; every
@@ -157,7 +157,7 @@ def load_nanochat_checkpoint(path, step: int | None = None, dtype=None) -> tuple
     """Load `model_XXXXXX.pt` + `meta_XXXXXX.json` → (params, config, meta).
 
     Matrices and scalars become fp32 masters; wte and value embeddings are cast to the
-    compute dtype (spec §2; upstream likewise upcasts bf16 tables to fp32 on CPU).
+    compute dtype (docs/numerics.md#dtypes; upstream likewise upcasts bf16 tables to fp32 on CPU).
     """
     from nanochat_jax.common import resolve_dtype
 

@@ -1,4 +1,4 @@
-"""Parameter and FLOP accounting (spec §3.7), analytic from the config alone.
+"""Parameter and FLOP accounting (docs/numerics.md#costs), analytic from the config alone.
 
 nanochat counts these off the live module; we count them off GPTConfig so the training
 horizon, batch-size rule and MFU can be computed before (or without) building a model.
@@ -65,7 +65,7 @@ def estimate_decode_flops(config: GPTConfig, ctx: int) -> int:
 
 
 def _attended_pairs(n: int, window: int) -> int:
-    """(query, key) pairs in an n-token causal prefill with left window `window` (spec's A)."""
+    """(query, key) pairs in an n-token causal prefill with left window `window` (the A of the prefill FLOPs)."""
     w = min(window, n)
     return w * (w + 1) // 2 + (n - w) * w
 

@@ -1,13 +1,14 @@
-"""nanochat's GPT (spec §3.3–3.6) as a Flax Linen module behind pure functions.
+"""nanochat's GPT (docs/numerics.md#model) as a Flax Linen module behind pure functions.
 
 Linen gives us a plain nested-dict parameter pytree and a pure `apply`, so everything
 that runs (`forward`, `loss_fn`, later `train_step` and the engine) is a function of
 pytrees that jits with explicit shardings. Every parameter carries logical axis names
 (`param_logical_axes`); sharding.py maps them onto a mesh.
 
-Numerics follow spec §2: matrices are fp32 masters cast to the activation dtype at use;
-`wte` and value-embedding tables are stored in the compute dtype; RMSNorm has no weight
-and eps = finfo(input dtype).eps; the softcap and the cross-entropy run in fp32.
+Numerics follow upstream's dtype policy (docs/numerics.md#dtypes): matrices are fp32
+masters cast to the activation dtype at use; `wte` and value-embedding tables are stored
+in the compute dtype; RMSNorm has no weight and eps = finfo(input dtype).eps; the
+softcap and the cross-entropy run in fp32.
 
 Layout: kernels are Flax's (in, out). nanochat reasons in torch's (out, in);
 `linear_fans` is the one place that says which axis is which.
@@ -39,7 +40,7 @@ def linear_fans(kernel_shape) -> tuple[int, int]:
     return fan_in, fan_out
 
 
-# ---- initializers (spec §3.6) --------------------------------------------------------
+# ---- initializers (docs/numerics.md#init) ---------------------------------------------
 
 def _uniform(lo, hi):
     def init(key, shape, dtype=jnp.float32):
@@ -77,7 +78,7 @@ def rms_norm(x):
 
 
 def rotary_tables(T: int, head_dim: int, dtype, offset=0):
-    """cos/sin of shape (T, head_dim/2), computed in fp32 then cast (spec §3.4)."""
+    """cos/sin of shape (T, head_dim/2), computed in fp32 then cast, as upstream does."""
     inv_freq = 1.0 / (ROPE_BASE ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     t = jnp.arange(T, dtype=jnp.float32) + offset
     freqs = jnp.outer(t, inv_freq)
@@ -215,7 +216,7 @@ def _boxed_params(config, key, dtype=None):
 
 
 def init_params(config: GPTConfig, key, dtype=None) -> dict:
-    """Fresh parameters (spec §3.6) as a plain nested dict of arrays."""
+    """Fresh parameters (upstream's init, docs/numerics.md#init) as a plain nested dict of arrays."""
     dtype = resolve_dtype(dtype)
     return jax.jit(lambda k: nn.meta.unbox(_boxed_params(config, k, dtype)))(key)
 
@@ -322,7 +323,7 @@ def _next_token(params, buf_1T, pos, key, temperature, *, config, dtype, backend
 
 def generate(params, tokens: list[int], config: GPTConfig, max_tokens: int, *, temperature: float = 0.0,
              top_k: int | None = None, seed: int = 42, dtype=None, backend=None):
-    """Naive sampling (spec §3.8): a full forward per token, yielding token ids.
+    """Naive sampling (upstream's cache-free generate): a full forward per token, yielding token ids.
 
     The sequence lives in a fixed buffer (length rounded up to a multiple of 128) so one
     compile serves many prompts; causal attention makes the padding after the cursor

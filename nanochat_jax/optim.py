@@ -1,4 +1,4 @@
-"""nanochat's MuonAdamW (spec §4) as an Optax chain, with its schedules (spec §5.3).
+"""nanochat's MuonAdamW as an Optax chain, with its schedules (docs/numerics.md#optimizer).
 
 Six AdamW groups (torch.optim.AdamW semantics, fp32 math) and nanochat's Muon for every
 block matrix, combined with `optax.partition` over labels derived from parameter paths.
@@ -25,7 +25,7 @@ from nanochat_jax.common import resolve_dtype
 from nanochat_jax.config import GPTConfig
 from nanochat_jax.model import linear_fans
 
-# Polar Express coefficients (a, b, c), one triple per iteration (spec §4.3).
+# Polar Express coefficients (a, b, c), one triple per iteration, upstream's table (docs/numerics.md#polar-express).
 POLAR_EXPRESS = (
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
     (4.042929935166739, -2.808917465908714, 0.5000178451051316),
@@ -38,7 +38,7 @@ OPTIMIZERS = ("nanochat", "optax_muon", "adamw")
 ScheduleFn = Callable[[jax.Array], jax.Array]
 
 
-# ---- schedules (spec §5.3); `it` may be a traced int --------------------------------------
+# ---- schedules (docs/numerics.md#schedules); `it` may be a traced int------------------------------
 
 def lr_multiplier(it, num_iterations: int, warmup_steps: int = 40, warmdown_ratio: float = 0.65,
                   final_lr_frac: float = 0.05):
@@ -74,7 +74,7 @@ def muon_weight_decay(it, num_iterations: int, weight_decay: float):
     return weight_decay * 0.5 * (1 + jnp.cos(jnp.pi * it / num_iterations))
 
 
-# ---- parameter groups (spec §4.1) ---------------------------------------------------------
+# ---- parameter groups (docs/numerics.md#parameter-groups)------------------------------------------
 
 def param_label(path: tuple[str, ...]) -> str:
     """Which optimizer group a parameter (by its path in our params tree) belongs to."""
@@ -194,7 +194,7 @@ def polar_express(X, ns_dtype=jnp.float32):
 
 
 def muon_direction(U, second, beta2: float, ns_dtype=jnp.float32):
-    """Steps 2–6 of spec §4.3 on one (out, in) matrix: MuonEq → PE → Muon+ → NorMuon.
+    """Muon steps 2–6 (docs/numerics.md#muon) on one (out, in) matrix: MuonEq → PE → Muon+ → NorMuon.
 
     Returns the fp32 update direction and the new second moment.
     """

@@ -1,4 +1,4 @@
-"""Hyperparameter transfer from d12 (spec §5.2): horizon, batch size, LR and WD scaling.
+"""Hyperparameter transfer from d12 (docs/numerics.md#scaling): horizon, batch size, LR and WD scaling.
 
 nanochat tunes at d12 and transfers: the batch grows with the data (Power Lines,
 B ∝ D^0.383), LRs scale with sqrt(B/B_REF) and the Muon weight decay follows the

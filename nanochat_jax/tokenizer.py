@@ -1,4 +1,4 @@
-"""nanochat's tokenizer (spec §6.3): a GPT-4-style byte-level BPE trained with rustbpe
+"""nanochat's tokenizer (docs/numerics.md#tokenizer): a GPT-4-style byte-level BPE trained with rustbpe
 and run with tiktoken, plus the chat template that turns conversations into ids and
 loss masks.
 
@@ -25,7 +25,7 @@ import tiktoken
 from nanochat_jax.data.dataset import home_dir
 from nanochat_jax.fileio import atomic_write
 
-# GPT-4's cl100k split, except numbers group 1-2 digits (spec §6.3: best val bpb at d12).
+# GPT-4's cl100k split, except numbers group 1-2 digits (upstream's best val bpb at d12).
 SPLIT_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 )
@@ -57,7 +57,7 @@ def default_tokenizer_dir() -> Path:
 def cap_documents(texts: Iterable[str], doc_cap: int, max_chars: int | None) -> Iterator[str]:
     """Yield each text cut to doc_cap chars; stop after the one that takes the total past max_chars.
 
-    Capping keeps a few giant documents from dominating the pair counts (spec §6.4).
+    Capping keeps a few giant documents from dominating the pair counts.
     """
     if doc_cap < 1:
         raise ValueError(f"doc_cap must be >= 1, got {doc_cap}")
@@ -71,7 +71,7 @@ def cap_documents(texts: Iterable[str], doc_cap: int, max_chars: int | None) -> 
 
 
 def compute_token_bytes(encoding: tiktoken.Encoding) -> np.ndarray:
-    """int32 (V,): byte length of each token's raw bytes, 0 for specials (bpb needs raw bytes, spec §6.4)."""
+    """int32 (V,): byte length of each token's raw bytes, 0 for specials (bpb needs raw bytes, not a str round trip)."""
     specials = {encoding.encode_single_token(s) for s in encoding.special_tokens_set}
     out = np.zeros(encoding.n_vocab, dtype=np.int32)
     for i in range(encoding.n_vocab):
@@ -232,7 +232,7 @@ class Tokenizer:
         """Text of ids; specials render as their strings, invalid UTF-8 as U+FFFD."""
         return self._enc.decode([int(i) for i in ids])
 
-    # ---- chat template (spec §6.3) -------------------------------------------------
+    # ---- chat template (docs/numerics.md#chat-template)--------------------------------------
 
     def render_conversation(self, conversation: dict, max_tokens: int | None = 2048) -> tuple[list[int], list[int]]:
         """(ids, mask): mask 1 marks what the model is trained to produce (assistant text, its

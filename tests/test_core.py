@@ -1,4 +1,4 @@
-"""CORE (spec §7.2/7.3): prompts, seeds, spans, hand-computed scores, bundle files, the downloader,
+"""CORE (docs/numerics.md#core): prompts, seeds, spans, hand-computed scores, bundle files, the downloader,
 base_eval's CLI and the in-training hook."""
 
 import csv
@@ -144,7 +144,7 @@ def test_rendered_prompts_are_exact():
 
 
 def test_prompts_match_jinja_templates():
-    """The plain string building equals Jinja templates written from the spec's description."""
+    """The plain string building equals Jinja templates written from upstream's prompt description."""
     jinja2 = pytest.importorskip("jinja2")
     loop = "{%- for ex in shots -%}\n"
     mc = jinja2.Template(loop + "{{ ex.query }}{{ d }}{{ ex.choices[ex.gold] }}\n\n{% endfor -%}\n"

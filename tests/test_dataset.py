@@ -1,4 +1,4 @@
-"""Shard downloader (spec §6.1) against a local HTTP server that can drop, corrupt or refuse files."""
+"""Shard downloader (docs/numerics.md#shards) against a local HTTP server that can drop, corrupt or refuse files."""
 
 import io
 import os

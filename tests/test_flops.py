@@ -1,4 +1,4 @@
-"""Parameter/FLOP accounting against the spec table (§3.7) and independent brute-force counts."""
+"""Parameter/FLOP accounting against upstream's table (docs/numerics.md#costs) and independent brute-force counts."""
 
 import math
 
@@ -19,7 +19,7 @@ from nanochat_jax.flops import (
     summary,
 )
 
-# spec §3.7 table: depth -> (total, wte, value_embeds, lm_head, transformer_matrices, scaling, FLOPs/token)
+# upstream's table: depth -> (total, wte, value_embeds, lm_head, transformer_matrices, scaling, FLOPs/token)
 # wte / value_embeds / lm_head are printed rounded to 0.1M there (exact only for d12).
 TABLE = {
     12: (286_261_730, 25_165_824, 150_994_944, 25_165_824, 84_935_088, 110_100_912, 7.60e8),
@@ -66,11 +66,11 @@ def test_d24_windows():
     assert all(w == 512 for i, w in enumerate(ws) if i % 4 != 3)
 
 
-# ---- brute force over the state_dict inventory of spec §3.2, written out independently ----
+# ---- brute force over upstream's state_dict inventory, written out independently ----
 
 
 def inventory(cfg):
-    """[(name, shape, is_linear)] exactly as listed in spec §3.2."""
+    """[(name, shape, is_linear)] exactly as upstream's state_dict lists them."""
     C, H, Hkv, L = cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.n_layer
     hd = C // H
     Vp = -(-cfg.vocab_size // 64) * 64
@@ -104,7 +104,7 @@ def windows(cfg):
 
 
 def brute_attended_pairs(n, w):
-    """(query, key) pairs when each query sees at most w keys ending at itself (the spec's A)."""
+    """(query, key) pairs when each query sees at most w keys ending at itself (the A of the prefill FLOPs)."""
     return sum(1 for i in range(n) for j in range(i + 1) if i - j < w)
 
 

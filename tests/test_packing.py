@@ -1,4 +1,4 @@
-"""Best-fit crop packing (spec §6.2): output properties, a plain reference, exact resume."""
+"""Best-fit crop packing (docs/numerics.md#packing): output properties, a plain reference, exact resume."""
 
 import itertools
 import json
@@ -36,7 +36,7 @@ def pack_all(docs, B, T, **kw):
 
 
 def reference_pack(docs, B, T, buffer_size, chunk_size):
-    """The spec's algorithm, written plainly with Python lists."""
+    """Upstream's algorithm, written plainly with Python lists."""
     stream, buf, out = iter(docs), [], []
 
     def refill():
@@ -70,7 +70,7 @@ def reference_pack(docs, B, T, buffer_size, chunk_size):
 
 
 def check_trace(docs, batches, B, T, buffer_size, chunk_size):
-    """Checks every placement against the spec's rule, replaying the buffer from the output alone."""
+    """Checks every placement against upstream's rule, replaying the buffer from the output alone."""
     owner = {tok: k for k, d in enumerate(docs) for tok in d[1:]}
     lens = [len(d) for d in docs]
     stream, buf = iter(range(len(docs))), []

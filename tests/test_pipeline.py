@@ -1,4 +1,4 @@
-"""The Grain pipeline (spec §6.1–6.2): host striding, epochs, splits, exact resume, TFDS without TF."""
+"""The Grain pipeline (docs/numerics.md#data): host striding, epochs, splits, exact resume, TFDS without TF."""
 
 import importlib.util
 import itertools

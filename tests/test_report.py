@@ -59,7 +59,7 @@ def test_peak_flops_table_and_cpu_device():
 
 
 def test_mfu_arithmetic():
-    # leaderboard run 1 (spec §12.2): 4.33e19 FLOPs in 10949 s on 8 H100s ≈ 50%
+    # upstream's leaderboard run 1: 4.33e19 FLOPs in 10949 s on 8 H100s ≈ 50%
     n_steps, tokens = 1000, 2 ** 19
     per_token = 4.33e19 / (n_steps * tokens)
     assert mfu(per_token, tokens, 10949 / n_steps, 8, 989e12) == pytest.approx(49.98, abs=0.01)

@@ -1,11 +1,11 @@
-"""Spec §5.2: batch size, horizon, LR and WD transfer from d12 (the derived-values table)."""
+"""docs/numerics.md#scaling: batch size, horizon, LR and WD transfer from d12 (the derived-values table)."""
 
 import pytest
 
 from nanochat_jax import scaling
 from nanochat_jax.config import config_for_depth
 
-# depth: (B, steps@12, steps@8, LR scale, Muon WD, Muon LR, dmodel scale)  — spec §5.2 table
+# depth: (B, steps@12, steps@8, LR scale, Muon WD, Muon LR, dmodel scale)  — upstream's derived-values table
 TABLE = {
     12: (524288, 2520, 1680, 1.0, 0.28, 0.02, 1.0),
     16: (524288, 5376, 3584, 1.0, 0.131, 0.02, 0.866),

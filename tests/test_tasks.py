@@ -1,4 +1,4 @@
-"""Tasks (spec §9.1, §9.2, §9.5): slicing and mixing, each task on fixture files in the upstream
+"""Tasks (docs/numerics.md#tasks): slicing and mixing, each task on fixture files in the upstream
 column layout, file:line errors, the HF parquet downloader against a 127.0.0.1 server, and the
 data shipped in PyPI wheels (fake wheels built here; the real ones only if already cached)."""
 

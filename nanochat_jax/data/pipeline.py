@@ -1,4 +1,4 @@
-"""The pretraining input pipeline (spec §6.1–6.2) on Grain: shards → texts → tokens → packed batches.
+"""The pretraining input pipeline (docs/numerics.md#data) on Grain: shards → texts → tokens → packed batches.
 
 Two readers feed the same tokenize-and-pack tail:
 
@@ -10,7 +10,7 @@ Two readers feed the same tokenize-and-pack tail:
   imported, it falls back to `pretrain_loader` and warns.
 
 Every stage's get_state/set_state is exact, so a training run resumes on the very next batch.
-Shards sort by name and the last one is the val split (spec §6.1). Batches are made in a
+Shards sort by name and the last one is the val split, as upstream. Batches are made in a
 prefetch thread: close() the iterator when done, or Grain's finalizers complain at exit.
 """
 

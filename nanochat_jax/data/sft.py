@@ -1,4 +1,4 @@
-"""SFT batches (spec §9.3): conversations packed best-fit into rows, padded, never cropped.
+"""SFT batches (docs/numerics.md#sft-packing): conversations packed best-fit into rows, padded, never cropped.
 
 Process r walks the conversation list at r, r+W, r+2W, ... (wrapping into the next epoch).
 Each conversation is rendered once into (ids, mask) (truncated to a row) and buffered; a row

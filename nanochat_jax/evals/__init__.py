@@ -1,1 +1,1 @@
-"""Evaluation: bits per byte on held-out data (spec §7)."""
+"""Evaluation: bits per byte on held-out data, CORE, ChatCORE (docs/numerics.md#evaluation)."""

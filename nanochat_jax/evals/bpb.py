@@ -1,4 +1,4 @@
-"""Bits per byte (spec §7.1): validation loss that does not depend on the tokenizer.
+"""Bits per byte (docs/numerics.md#bpb): validation loss that does not depend on the tokenizer.
 
 Per-token nats are summed only over targets that stand for raw bytes, and divided by
 those bytes, so a bigger vocabulary can't look better just by making tokens longer.

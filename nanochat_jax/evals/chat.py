@@ -1,4 +1,4 @@
-"""Chat-model evaluation (spec §7.4): categorical tasks by logits over the answer letters,
+"""Chat-model evaluation (docs/numerics.md#chatcore): categorical tasks by logits over the answer letters,
 generative tasks by sampling and checking, and the ChatCORE aggregate.
 """
 

@@ -1,4 +1,4 @@
-"""CORE (spec §7.2): DCLM's 22 in-context-learning tasks, scored by likelihood, centered and averaged.
+"""CORE (docs/numerics.md#core): DCLM's 22 in-context-learning tasks, scored by likelihood, centered and averaged.
 
 Per task: load the jsonl, shuffle with random.Random(1337), keep the first max_per_task,
 render each example's prompts (K few-shot examples drawn with random.Random(1234 + idx)
@@ -61,7 +61,7 @@ SEQ_MULTIPLE = 128  # bucket lengths are multiples of this (splash attention nee
 CHUNK_EXAMPLES = 256  # examples tokenized and scored together (bounds host memory on big tasks)
 CHUNK_BYTES = 1 << 20
 
-# field name -> type, per task type (spec §7.2's jsonl format)
+# field name -> type, per task type, as in the eval bundle's jsonl files
 FIELDS = {
     "multiple_choice": {"query": str, "choices": list, "gold": int},
     "schema": {"context_options": list, "continuation": str, "gold": int},

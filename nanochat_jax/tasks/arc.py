@@ -1,4 +1,4 @@
-"""ARC (AI2 Reasoning Challenge), multiple choice (spec §9.2).
+"""ARC (AI2 Reasoning Challenge), multiple choice (docs/numerics.md#tasks).
 
 Data, in this order of preference:
 1. `data_dir=`: a local .jsonl / .json / .parquet file, or a folder holding the split (e.g.

@@ -1,4 +1,4 @@
-"""Task abstractions (spec §9.1): a task is an indexable list of conversations, sliceable
+"""Task abstractions (docs/numerics.md#tasks): a task is an indexable list of conversations, sliceable
 without copying, mixable (shuffled, for SFT) and chainable (curricula).
 
 A conversation is {"messages": [{"role", "content"}, ...], **extras}; tasks add the fields

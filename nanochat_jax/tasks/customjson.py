@@ -1,4 +1,4 @@
-"""CustomJSON: conversations from a local JSONL file (spec §9.5), for SFT mixtures.
+"""CustomJSON: conversations from a local JSONL file (upstream's identity-chat format), for SFT mixtures.
 
 Each non-blank line is one conversation, either
 - a JSON array of messages (upstream's format, e.g. nanochat's identity_conversations.jsonl), or

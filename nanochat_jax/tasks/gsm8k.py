@@ -1,4 +1,4 @@
-"""GSM8K grade-school math with calculator tool calls (spec §9.2).
+"""GSM8K grade-school math with calculator tool calls (docs/numerics.md#tasks).
 
 Data, in this order of preference:
 1. `data_dir=`: a local .jsonl / .json / .parquet file, or a folder holding the split (e.g. the

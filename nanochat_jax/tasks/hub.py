@@ -1,4 +1,4 @@
-"""Task data (spec §9.1): a pyarrow table with lazy rows, local JSONL/JSON/parquet loaders with
+"""Task data: a pyarrow table with lazy rows, local JSONL/JSON/parquet loaders with
 file:line errors, and the HuggingFace parquet downloader.
 
 - `TableDataset`: a pyarrow Table whose rows come back as `{column: value}` dicts, one at a time.
@@ -143,7 +143,7 @@ class TableDataset:
         return TableDataset(self.table, self.origins, perm)
 
 
-HubDataset = TableDataset  # upstream's name (spec §9.1)
+HubDataset = TableDataset  # upstream's name
 
 
 # ----------------------------------------------------------------------------- row validation helpers

@@ -1,4 +1,4 @@
-"""HumanEval: 164 Python functions to complete, checked by running their tests (spec §9.2).
+"""HumanEval: 164 Python functions to complete, checked by running their tests (docs/numerics.md#tasks).
 
 Data, in this order of preference:
 1. `data_dir=`: a local .jsonl / .jsonl.gz / .json / .parquet file (e.g. HumanEval.jsonl.gz), or a

@@ -1,4 +1,4 @@
-"""MMLU, multiple choice over A–D (spec §9.2).
+"""MMLU, multiple choice over A–D (docs/numerics.md#tasks).
 
 Data, in this order of preference:
 1. `data_dir=`: a local .jsonl / .json / .parquet file, or a folder holding the split, in the HF

@@ -1,4 +1,4 @@
-"""SmolTalk (smol-smoltalk), general chat for SFT (spec §9.2): ~460K train and ~24K test rows.
+"""SmolTalk (smol-smoltalk), general chat for SFT: ~460K train and ~24K test rows.
 
 Data, in this order of preference:
 1. `data_dir=`: a local .jsonl / .json / .parquet file, or a folder holding the split, rows

@@ -1,4 +1,4 @@
-"""nanochat's naive `GPT.generate` (spec §3.8): the cache-free decoding reference.
+"""nanochat's naive `GPT.generate` (docs/numerics.md#generation): the cache-free decoding reference.
 
 Every step reruns the full forward on the growing sequence, so it is slow but has no
 KV-cache logic that could share a bug with the engine it is used to check.

@@ -1,8 +1,8 @@
-"""PyTorch oracle of nanochat's GPT (spec §2, §3.1–3.6, §10), written from the spec alone.
+"""PyTorch oracle of nanochat's GPT (docs/numerics.md#model), written from upstream's rules alone.
 
 Property tests compare the JAX model against this module, so it deliberately shares no
 code with it: window sizes, value-embedding layers and vocab padding are re-derived here
-from the spec, and only `GPTConfig` (a plain field holder) is taken from nanochat_jax.
+from upstream's rules, and only `GPTConfig` (a plain field holder) is taken from nanochat_jax.
 Parameter names, shapes and storage dtypes equal nanochat's state_dict, so a real
 nanochat checkpoint loads with `load_state_dict(strict=True)`.
 """
@@ -190,7 +190,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int = 42) -> None:
-        """Spec §3.6, draws in nanochat's order from a generator seeded on the weights' device."""
+        """nanochat's init (docs/numerics.md#init): its draw order, from a generator on the weights' device."""
         device = self.lm_head.weight.device
         gen = torch.Generator(device=device).manual_seed(seed)
         L, C = self.config.n_layer, self.config.n_embd

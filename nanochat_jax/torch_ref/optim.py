@@ -1,11 +1,11 @@
-"""PyTorch oracle of nanochat's optimizer (spec §4.1–4.3, §4.5, §5.3), written from the spec alone.
+"""PyTorch oracle of nanochat's optimizer (docs/numerics.md#optimizer), written from upstream's rules alone.
 
 `MuonAdamW` is the single-process (world size 1) form of nanochat's combined optimizer:
 every param group carries `kind` ∈ {'adamw', 'muon'}. With one process nanochat's
-distributed machinery (§4.4) reduces to "update the whole tensor / the whole stack", so
+distributed machinery (sharded stacks, collectives) reduces to "update the whole tensor / the whole stack", so
 there is no communication code here; the numbers are those of a W = 1 run.
 
-State layout (a plain `torch.optim.Optimizer.state_dict()`, §4.5):
+State layout (a plain `torch.optim.Optimizer.state_dict()`, as upstream's):
 
 * AdamW param `p`: `state[p] = {"step": int, "exp_avg": T, "exp_avg_sq": T}`, the moments
   in `p`'s dtype (bf16 for wte/VE when the model's compute dtype is bf16), `step` a python
@@ -29,7 +29,7 @@ import math
 import torch
 import torch.nn as nn
 
-# Polar Express (a, b, c) per iteration, in order (spec §4.3 step 4).
+# Polar Express (a, b, c) per iteration, in order (docs/numerics.md#polar-express).
 POLAR_EXPRESS_COEFFS: tuple[tuple[float, float, float], ...] = (
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
     (4.042929935166739, -2.808917465908714, 0.5000178451051316),
@@ -48,7 +48,7 @@ def _fro(x: torch.Tensor) -> torch.Tensor:
 
 
 def _muon_eq(x: torch.Tensor) -> torch.Tensor:
-    """MuonEq (§4.3 step 3): rescale every row to the matrix's RMS row norm ‖X‖_F/sqrt(m).
+    """MuonEq (Muon step 3, docs/numerics.md#muon): rescale every row to the matrix's RMS row norm ‖X‖_F/sqrt(m).
 
     Norms in fp32, the scaling multiplies in x's dtype (bf16 when the PE runs in bf16).
     """
@@ -61,7 +61,7 @@ def _muon_eq(x: torch.Tensor) -> torch.Tensor:
 
 
 def _polar_express(x: torch.Tensor, ns_steps: int) -> torch.Tensor:
-    """Polar Express (§4.3 step 4) in x's dtype; the first normalization uses an fp32 norm.
+    """Polar Express (Muon step 4) in x's dtype; the first normalization uses an fp32 norm.
 
     Tall (m > n, strict) uses the n×n Gram matrix XᵀX, wide/square the m×m Gram XXᵀ;
     both compute the same odd polynomial a·X + b·(XXᵀ)X + c·(XXᵀ)²X.
@@ -83,7 +83,7 @@ def _polar_express(x: torch.Tensor, ns_steps: int) -> torch.Tensor:
 
 
 def _normuon(o: torch.Tensor, s: torch.Tensor, beta2: float) -> torch.Tensor:
-    """NorMuon (§4.3 step 6): factored second moment `s` (updated in place), Frobenius kept.
+    """NorMuon (Muon step 6): factored second moment `s` (updated in place), Frobenius kept.
 
     Reduction dim is −1 (per-row, s (K, m, 1)) when m >= n, else −2 (per-column, s (K, 1, n)).
     ‖O‖_F and ‖O·step‖_F are both computed from vmean × the reduced-dim size.
@@ -119,7 +119,7 @@ def muon_update(
     ns_steps: int = 5,
     ns_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """One Muon step (§4.3 steps 1–7) on a (K, m, n) stack; returns the new params.
+    """One Muon step (steps 1–7 of docs/numerics.md#muon) on a (K, m, n) stack; returns the new params.
 
     `momentum_buffer` and `second_momentum_buffer` are updated in place; `params` and
     `grads` are left untouched.
@@ -147,7 +147,7 @@ def muon_update(
 
 
 class MuonAdamW(torch.optim.Optimizer):
-    """nanochat's MuonAdamW for one process (§4.2–4.4 with W = 1).
+    """nanochat's MuonAdamW for one process (world size W = 1).
 
     Every param group needs `kind`: 'adamw' (fields lr, betas, eps, weight_decay) or
     'muon' (lr; optional momentum 0.95, ns_steps 5, beta2 0.9, weight_decay 0.0,
@@ -265,7 +265,7 @@ def setup_optimizer(
     weight_decay: float = 0.0,
     scalar_lr: float = 0.5,
 ) -> MuonAdamW:
-    """nanochat's `GPT.setup_optimizer` (§4.1): 6 AdamW groups, then one Muon group per shape.
+    """nanochat's `GPT.setup_optimizer` (numerics.md#parameter-groups): 6 AdamW groups, then one Muon group per shape.
 
     dmodel_lr_scale = (C/768)^-0.5 multiplies lm_head, wte and VE (VE also ×0.5). The
     smear group's lr is a fixed 0.2. Muon groups: every param under `transformer.h`
@@ -323,7 +323,7 @@ def _warmdown_iters(num_iterations: int, warmdown_ratio: float) -> int:
 def lr_multiplier(
     it: int, num_iterations: int, warmup_steps: int = 40, warmdown_ratio: float = 0.65, final_lr_frac: float = 0.05
 ) -> float:
-    """LR multiplier (§5.3); the branches are tried in this order:
+    """LR multiplier (docs/numerics.md#schedules); the branches are tried in this order:
 
     1. it < warmup_steps: (it + 1) / warmup_steps (step 0 → 1/40, step 39 → 1.0);
     2. it <= N − Wd (Wd = round(warmdown_ratio·N)): 1.0 — so at it = N − Wd the value is
@@ -345,7 +345,7 @@ def lr_multiplier(
 
 
 def muon_momentum(it: int, num_iterations: int, warmdown_ratio: float = 0.65) -> float:
-    """Muon momentum (§5.3); the branches are tried in this order:
+    """Muon momentum (docs/numerics.md#schedules); the branches are tried in this order:
 
     1. it < 400: (1 − it/400)·0.85 + (it/400)·0.97 (0.85 at 0; this takes precedence even
        inside the warmdown of a short run, so e.g. N = 100 never reaches 0.90);
@@ -368,7 +368,7 @@ def muon_momentum(it: int, num_iterations: int, warmdown_ratio: float = 0.65) ->
 
 
 def muon_weight_decay(it: int, num_iterations: int, weight_decay: float) -> float:
-    """Muon weight decay (§5.3): cosine wd·0.5·(1 + cos(π·it/N)); wd at 0, 0 at it = N."""
+    """Muon weight decay (docs/numerics.md#weight-decay): cosine wd·0.5·(1 + cos(π·it/N)); wd at 0, 0 at it = N."""
     return weight_decay * 0.5 * (1 + math.cos(math.pi * it / num_iterations))
 
 
@@ -383,7 +383,7 @@ def apply_schedules(
 ) -> None:
     """Set every group's lr = initial_lr·lr_multiplier and Muon groups' momentum and WD.
 
-    `weight_decay` is the (already scaled, §5.2) Muon WD the cosine starts from; AdamW
+    `weight_decay` is the (already scaled, docs/numerics.md#scaling) Muon WD the cosine starts from; AdamW
     weight decays are not scheduled.
     """
     lrm = lr_multiplier(it, num_iterations, warmup_steps, warmdown_ratio, final_lr_frac)
