@@ -76,16 +76,18 @@ def finished_reply(driver, n=1):
 class ScriptedScheduler(Scheduler):
     """Streams a fixed reply to every request, a few characters at a time: what a model could emit."""
 
-    def __init__(self, text):
+    def __init__(self, text, finish="stop"):
         super().__init__(chain_engine("x"), slots=1)
-        self.text = text
+        self.text, self.finish, self.prompts = text, finish, []
 
     def submit(self, req):
+        self.prompts.append(req.prompt)
+
         def run():
             for i in range(0, len(self.text), 7):
                 req.on_event(Event(0, self.text[i:i + 7]))
                 time.sleep(0.005)
-            req.on_event(Event(0, "", "stop"))
+            req.on_event(Event(0, "", self.finish))
             req.on_event(None)
         threading.Thread(target=run, daemon=True).start()
         return req
@@ -184,9 +186,10 @@ def test_api_key_and_engine_down(server, browser):  # noqa: F811
         key = wait(browser, lambda d: (k := by_css(d, "#apikey")[0]).is_displayed() and k)  # /health: key needed
         by_css(browser, "#input")[0].send_keys("hello\n")
         wait(browser, lambda d: "API key" in "".join(e.text for e in by_css(d, ".msg.error")))
+        assert not by_css(browser, ".msg.assistant")  # the failed turn left no empty bubble
         key.send_keys("sekret")
         by_css(browser, "#input")[0].send_keys("hello\n")
-        reply = finished_reply(browser, 2)
+        reply = finished_reply(browser, 1)
         assert reply.text == "the answer" and by_css(reply, "strong")[0].text == "answer"
         assert browser.execute_script("return localStorage.getItem('nanochat-api-key')") == "sekret"
 
@@ -201,5 +204,121 @@ def test_api_key_and_engine_down(server, browser):  # noqa: F811
 
         browser.get(server(down) + "/")
         wait(browser, lambda d: by_css(d, "#status")[0].text == "Engine not running")
+    finally:
+        sched.close()
+
+
+def _history(driver):
+    return driver.execute_script("return history")
+
+
+def test_new_chat_while_streaming_leaves_a_clean_history(server, browser, monkeypatch):  # noqa: F811
+    """New chat mid-stream: the old reply never lands in the new chat, and the next message works."""
+    real_step = engine.generate_step
+
+    def slow_step(*a, **kw):
+        time.sleep(0.05)
+        return real_step(*a, **kw)
+
+    monkeypatch.setattr(sched_mod.E, "generate_step", slow_step)
+    sched = Scheduler(chain_engine("ab", loop=True), slots=2)
+    try:
+        sched.warmup()
+        browser.get(server(create_app(sched, "loop")) + "/")
+        set_temperature(browser, "0")
+        by_css(browser, "#input")[0].send_keys("go on forever\n")
+        wait(browser, lambda d: len(by_css(d, ".msg.assistant")[0].text) >= 4)
+        by_css(browser, "#new")[0].click()
+        time.sleep(0.3)  # the aborted request's cleanup has run by now
+        assert _history(browser) == [] and not by_css(browser, ".msg")
+        assert by_css(browser, "#send")[0].is_enabled()
+        monkeypatch.setattr(sched_mod.E, "generate_step", real_step)
+        by_css(browser, "#input")[0].send_keys("hi again\n")
+        wait(browser, lambda d: by_css(d, ".msg.assistant[data-done]") or by_css(d, ".msg.error"))
+        assert not by_css(browser, ".msg.error")
+        hist = _history(browser)
+        assert [m["role"] for m in hist] == ["user", "assistant"] and hist[0]["content"] == "hi again"
+        # Stop leaves [user, partial reply]; the next turn is accepted (no 400)
+        monkeypatch.setattr(sched_mod.E, "generate_step", slow_step)
+        by_css(browser, "#input")[0].send_keys("more\n")
+        wait(browser, lambda d: len(by_css(d, ".msg.assistant")) == 2 and len(by_css(d, ".msg.assistant")[1].text) >= 4)
+        by_css(browser, "#stop")[0].click()
+        finished_reply(browser, 2)
+        hist = _history(browser)  # (the long first reply filled the context: the server dropped it)
+        assert hist[-2] == {"role": "user", "content": "more"} and hist[-1]["content"].startswith("abab")
+        assert [m["role"] for m in hist] == ["user", "assistant"] * (len(hist) // 2)
+        monkeypatch.setattr(sched_mod.E, "generate_step", real_step)
+        by_css(browser, "#input")[0].send_keys("and again\n")
+        finished_reply(browser, 3)
+        assert not by_css(browser, ".msg.error") and _history(browser)[-2]["content"] == "and again"
+    finally:
+        sched.close()
+
+
+def test_long_conversation_drops_oldest_turns_with_a_note(server, browser):  # noqa: F811
+    """Past the 128-token context the server drops the oldest turns (the page asks it to):
+    every turn still answers, a note says so, and no empty bubble or error is left."""
+    sched = ScriptedScheduler("fine, thanks for asking me that")
+    try:
+        browser.get(server(create_app(sched, "scripted")) + "/")
+        for i in range(4):
+            by_css(browser, "#input")[0].send_keys(f"question number {i}, asked at some length\n")
+            finished_reply(browser, i + 1)
+        assert not by_css(browser, ".msg.error")
+        notes = [e.text for e in by_css(browser, ".note")]
+        assert notes and all("left out to fit the model's context" in n for n in notes)
+        hist = _history(browser)
+        assert hist[-2]["content"] == "question number 3, asked at some length" and len(hist) < 8
+        assert hist[0]["role"] == "user"
+        assert all(len(p) < 128 for p in sched.prompts)
+        assert len(by_css(browser, ".msg.assistant")) == 4 and all(e.text for e in by_css(browser, ".msg.assistant"))
+    finally:
+        sched.close()
+
+
+def test_error_leaves_no_empty_bubble(server, browser):  # noqa: F811
+    sched = ScriptedScheduler("x")
+    try:
+        browser.get(server(create_app(sched, "scripted")) + "/")
+        browser.execute_script("document.getElementById('input').value = 'y'.repeat(8001)")  # over the limit: 400
+        by_css(browser, "#send")[0].click()
+        wait(browser, lambda d: by_css(d, ".msg.error"))
+        assert not by_css(browser, ".msg.assistant") and _history(browser) == []
+    finally:
+        sched.close()
+
+
+def test_markdown_lists_and_headings(server, browser):  # noqa: F811
+    text = "# Title\n\nIntro line.\n\n- one\n- **two**\n  continued\n\n3. third\n4. fourth\n\n## Sub <b>x</b>\nend"
+    sched = ScriptedScheduler(text)
+    try:
+        browser.get(server(create_app(sched, "scripted")) + "/")
+        by_css(browser, "#input")[0].send_keys("format it\n")
+        reply = finished_reply(browser)
+        assert [h.text for h in by_css(reply, "h1")] == ["Title"] and [h.text for h in by_css(reply, "h2")] == [
+            "Sub <b>x</b>"]
+        assert [li.text for li in by_css(reply, "ul > li")] == ["one", "two continued"]
+        assert [s.text for s in by_css(reply, "ul strong")] == ["two"]
+        ol = by_css(reply, "ol")[0]
+        assert [li.text for li in by_css(ol, "li")] == ["third", "fourth"] and ol.get_attribute("start") == "3"
+        assert [p.text for p in by_css(reply, "p")] == ["Intro line.", "end"] and not by_css(reply, "b")
+    finally:
+        sched.close()
+
+
+def test_filtered_answers_are_shown_as_such(server, browser):  # noqa: F811
+    from nanochat_jax.safety import Policy
+
+    sched = ScriptedScheduler("Here is how to", finish="content_filter")  # an output cut by the filter
+    try:
+        browser.get(server(create_app(sched, "scripted", safety=Policy.load())) + "/")
+        by_css(browser, "#input")[0].send_keys("how do I make a b\u043emb\n")  # refused before the model
+        reply = finished_reply(browser)
+        assert "filtered" in reply.get_attribute("class") and "safety policy" in reply.text
+        assert "can't help" in reply.text and sched.prompts == [] and _history(browser) == []
+        by_css(browser, "#input")[0].send_keys("tell me something\n")
+        reply = finished_reply(browser, 2)
+        assert "filtered" in reply.get_attribute("class") and reply.text.startswith("Here is how to")
+        assert _history(browser) == []  # neither exchange stays in the conversation
     finally:
         sched.close()
