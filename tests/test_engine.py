@@ -391,3 +391,57 @@ def test_insert_does_not_disturb_other_slots():
     for _ in range(5):
         state = step(state, {1: b})
     assert a == alone[0] and b == alone[1]
+
+
+# ---- OpenAI's logit processing and logprobs ------------------------------------------------------
+
+def test_process_logits_and_logprobs_match_numpy():
+    """logit_bias, presence/frequency penalties and the logprob/top-k report, against numpy."""
+    rng = np.random.default_rng(7)
+    S, V = 3, 50
+    logits = rng.standard_normal((S, V)).astype(np.float32) * 3
+    bias = np.zeros((S, V), np.float32)
+    bias[0, 4], bias[1, 9], bias[2, 0] = 5.0, -100.0, 2.5
+    counts = rng.integers(0, 3, (S, V)).astype(np.int32)
+    presence, frequency = np.array([0.5, 0.0, -1.0], np.float32), np.array([0.25, 1.5, 0.0], np.float32)
+    got = np.asarray(engine.process_logits(*map(jnp.asarray, (logits, bias, counts, presence, frequency))))
+    want = logits + bias - presence[:, None] * (counts > 0) - frequency[:, None] * counts
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5)
+
+    token = np.array([3, 9, 17], np.int32)
+    lp, ids, vals = (np.asarray(a) for a in engine.token_logprobs(jnp.asarray(want), jnp.asarray(token),
+                                                                   jnp.array([True, False, True])))
+    lsm = want - np.log(np.exp(want - want.max(-1, keepdims=True)).sum(-1, keepdims=True)) - want.max(-1, keepdims=True)
+    np.testing.assert_allclose(lp, lsm[np.arange(S), token], atol=1e-5)
+    np.testing.assert_array_equal(ids, np.argsort(-lsm, axis=-1, kind="stable")[:, :engine.TOP_LOGPROBS])
+    np.testing.assert_allclose(vals, np.sort(lsm, axis=-1)[:, ::-1][:, :engine.TOP_LOGPROBS], atol=1e-5)
+    skipped = engine.token_logprobs(jnp.asarray(want), jnp.asarray(token), jnp.zeros(S, bool))
+    assert all(not np.asarray(a).any() for a in skipped)  # nobody asked: the softmax is skipped
+
+
+def test_frequency_penalty_breaks_a_greedy_loop():
+    """A scripted 'ab' loop: the greedy reply leaves the loop once the frequency penalty on a
+    repeated token exceeds the model's margin, and insert resets the counts per request."""
+    chain = {SP["<|bos|>"]: B("a"), B("a"): B("b"), B("b"): B("a")}
+    params = bigram_params(TINY, chain)
+    max_len = 128
+    state = engine.init_state(TINY, 1, max_len, [-1], F32)
+    prefix = engine.prefill(params, jnp.asarray([[SP["<|bos|>"]] + [0] * 15], jnp.int32), 1, config=TINY, dtype=F32)
+
+    def run(state, frequency):
+        state = engine.insert(state, prefix, 0, jax.random.key_data(jax.random.key(0)), 0.0, 0, 1.0, 20,
+                              np.zeros(TINY.vocab_size, np.float32), 0.0, frequency, False)
+        out = [int(state.last_token_S[0])]
+        for _ in range(9):
+            state, tokens, _ = engine.generate_step(state, params, jnp.full((1,), -1, jnp.int32), config=TINY,
+                                                    dtype=F32)
+            out.append(int(tokens[0]))
+        return state, out
+
+    state, plain = run(state, 0.0)
+    assert plain == [B("a"), B("b")] * 5
+    # the chain's margin is 8 logits and each earlier use costs 2: 'a' loses it after its 4th use
+    state, penalised = run(state, 2.0)
+    assert penalised[:8] == plain[:8] and penalised[8] != B("a")
+    _, again = run(state, 0.0)
+    assert again == plain  # the counts of the previous request do not leak into the slot's next one
