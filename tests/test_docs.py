@@ -1,0 +1,42 @@
+"""Docs stay connected: every `docs/<page>.md#anchor` named in code, tests or docs is a heading of
+that page (comments point there instead of restating upstream's rules)."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = ("nanochat_jax", "train", "serve", "bench", "tests", "runs", "docs")
+ANCHOR_REF = re.compile(r"(?:docs/)?\b([a-z_]+\.md)#([a-z0-9-]+)")
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(page: Path) -> set[str]:
+    return {slug(m.group(1)) for m in re.finditer(r"^#+ (.+)$", page.read_text(), re.M)}
+
+
+def files():
+    yield ROOT / "README.md"
+    for top in SOURCES:
+        for path in (ROOT / top).rglob("*"):
+            if path.suffix in (".py", ".md", ".sh") and ".venv" not in path.parts:
+                yield path
+
+
+def test_every_docs_anchor_reference_is_a_heading():
+    refs = {(path.relative_to(ROOT), page, anchor)
+            for path in files() for page, anchor in ANCHOR_REF.findall(path.read_text(errors="replace"))
+            if (ROOT / "docs" / page).is_file()}
+    assert refs, "no docs/<page>.md#anchor references found: the pattern is broken"
+    bad = [f"{src}: docs/{page}#{anchor}" for src, page, anchor in sorted(refs)
+           if anchor not in anchors(ROOT / "docs" / page)]
+    assert not bad, "references to headings that do not exist:\n" + "\n".join(bad)
+
+
+def test_slug_follows_github():
+    assert slug("How it is tested on CPU") == "how-it-is-tested-on-cpu"
+    assert slug("QK norm") == "qk-norm"
+    assert slug("Sharding: one mesh, logical axes, many hosts") == "sharding-one-mesh-logical-axes-many-hosts"
