@@ -836,3 +836,44 @@ def test_openapi_document_matches_the_server(rand_sched):
             check()
             ran.append((op.path, mode.value))
     assert ("/v1/chat/completions", "negative") in ran and ("/v1/moderations", "positive") in ran
+
+
+def test_truncate_drops_the_oldest_turns(rand_sched):
+    """--truncate (or the X-Nanochat-Truncate header) drops the oldest user+assistant turns
+    until the prompt leaves room for the reply; the system message and the last turn stay."""
+    long = [{"role": "system", "content": "be brief"}]
+    for i in range(4):
+        long += [{"role": "user", "content": f"question {i} of a long conversation"},
+                 {"role": "assistant", "content": f"answer {i}, which is also quite long"}]
+    long.append({"role": "user", "content": "and the last one?"})
+    body = {"messages": long, "max_tokens": 8, "temperature": 0}
+    plain = TestClient(create_app(rand_sched, "tiny"))
+    r = plain.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert "X-Nanochat-Truncate" in r.json()["error"]["message"]
+    for client, headers in ((TestClient(create_app(rand_sched, "tiny", truncate=True)), {}),
+                            (plain, {"X-Nanochat-Truncate": "1"})):
+        r = client.post("/v1/chat/completions", json=body, headers=headers)
+        assert r.status_code == 200, r.text
+        dropped = int(r.headers["x-truncated-messages"])
+        assert dropped % 2 == 0 and 2 <= dropped < 8
+        kept = [long[0]] + long[1 + dropped:]
+        prompt = TOK.render_for_completion({"messages": kept})
+        assert r.json()["usage"]["prompt_tokens"] == len(prompt) and len(prompt) + 8 <= 128
+        shorter = TOK.render_for_completion({"messages": [long[0]] + long[dropped - 1:]})
+        assert len(shorter) + 8 > 128  # it dropped no more than it had to
+    short = plain.post("/v1/chat/completions", json={**body, "messages": MSGS}, headers={"X-Nanochat-Truncate": "1"})
+    assert short.status_code == 200 and "x-truncated-messages" not in short.headers
+
+
+def test_main_reports_load_errors_in_one_line(tmp_path, capsys):
+    from serve import app as app_mod
+
+    with pytest.raises(SystemExit) as e:
+        app_mod.main(["--checkpoint", str(tmp_path / "missing"), "--tokenizer-dir", str(tmp_path), "--no-warmup"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and err.startswith("error: could not load the model") and "\n" not in err
+    with pytest.raises(SystemExit) as e:
+        app_mod.main(["--checkpoint", "x", "--tokenizer-dir", "y", "--safety", str(tmp_path / "none.json")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "safety policy" in err and "\n" not in err
