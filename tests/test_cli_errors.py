@@ -135,3 +135,19 @@ def test_the_real_command_line_prints_one_line(data, tmp_path):  # noqa: F811
                        cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ})
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == "error: --depth must be >= 1, got 0", r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "run").exists()
+
+
+def test_a_stop_signal_is_a_flag_not_a_traceback(capfd):
+    """The first SIGINT/SIGTERM in the training loop only asks it to stop (it then saves and exits);
+    the previous handlers come back afterwards."""
+    import signal
+
+    from nanochat_jax.common import StopSignals
+
+    before = signal.getsignal(signal.SIGINT)
+    with StopSignals() as stop:
+        assert not stop.requested()
+        os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt
+        assert stop.requested() and stop.name == "SIGINT" and stop.exit_code == 130
+    assert signal.getsignal(signal.SIGINT) is before
+    assert "SIGINT: stopping after this step with a final checkpoint" in capfd.readouterr().err
