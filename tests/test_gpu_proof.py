@@ -39,7 +39,7 @@ def test_cpu_smoke_runs_every_phase_end_to_end(tmp_path):
 
     (jax_row,) = [x for x in rows if x["phase"] == "train_jax" and "step_s" in x]
     assert jax_row["framework"] == "jax" and jax_row["depth"] == 2 and jax_row["tok_per_s"] > 0
-    assert jax_row["cache_files_after"] > jax_row["cache_files_before"] == 0  # a cold compile fills the cache
+    assert jax_row["cache_files_after"] > jax_row["cache_files_before"]  # the cold step compile adds to the cache
     (warm,) = [x for x in rows if x["phase"] == "compile_warm" and "step_s" in x]
     assert warm["cache_files_before"] == warm["cache_files_after"] > 0  # a fresh process compiled nothing anew
     impls = {(x["impl"], x["batch"]) for x in rows if x["phase"] == "decode" and "impl" in x}
