@@ -161,3 +161,25 @@ def test_cli_on_local_gsm8k(toy, tmp_path):
         rl.main([*base, "--task", "chess", "--out-dir", str(tmp_path / "file" / "rl")])
     with pytest.raises(SystemExit, match="--num-samples 8 must be a multiple of --device-batch-size 3"):
         rl.main([*base, "--num-samples", "8", "--device-batch-size", "3"])
+
+
+def test_sigterm_ends_with_a_final_checkpoint(toy, tmp_path, capsys):
+    import signal
+
+    from nanochat_jax.checkpoint import load_params
+    from nanochat_jax.common import StopSignals
+
+    tok, cfg = toy
+    params = model.init_params(cfg, jax.random.key(0))
+    stop = StopSignals()  # not installed: the flag is set as a signal would set it
+    stop.signum = signal.SIGTERM
+    c = rl.RLConfig(num_steps=5, examples_per_step=1, num_samples=8, device_batch_size=8, max_new_tokens=2,
+                    eval_every=-1, save_every=-1)
+    one = sharding.make_mesh("data=1", devices=jax.devices()[:1])
+    with pytest.raises(SystemExit) as e:
+        rl.train(params, cfg, tok, ToyAddition(), c, out_dir=tmp_path, mesh=one, stop=stop)
+    assert e.value.code == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"stopped by SIGTERM at step 0; checkpoint step 0 is in {tmp_path / 'checkpoints'}; RL has no --resume; "
+        "evaluate or serve this checkpoint as it is")
+    assert load_params(tmp_path)[2]["step"] == 0

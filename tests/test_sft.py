@@ -239,11 +239,25 @@ def test_mixture_strings(tmp_path):
             parse_entry(bad, tmp_path)
 
 
-def test_resume_is_exact(sft_setup, tmp_path, monkeypatch):
-    """A run resumed from its step-3 checkpoint logs the same losses at steps 3-5 as one that never stopped;
-    the base run is only read (no writability probe there), and an output dir holds one run."""
-    import shutil
+def _SigtermAt(step):
+    """A StopSignals that reports a SIGTERM when the loop asks at `step` (it asks once per step)."""
+    import signal
 
+    from nanochat_jax.common import StopSignals
+
+    class SigtermAt(StopSignals):
+        def requested(self):
+            self.asked = getattr(self, "asked", -1) + 1
+            if self.asked == step:
+                self.signum = signal.SIGTERM
+            return super().requested()
+    return SigtermAt
+
+
+def test_resume_is_exact(sft_setup, tmp_path, monkeypatch):
+    """A run stopped by SIGTERM saves a final checkpoint (step 3) and, resumed from it, logs the same losses
+    at steps 3-5 as one that never stopped; the base run is only read (no writability probe there), and an
+    output dir holds one run."""
     from nanochat_jax import checkpoint
     from nanochat_jax.report import read_metrics
 
@@ -254,11 +268,14 @@ def test_resume_is_exact(sft_setup, tmp_path, monkeypatch):
     common = ["--base-dir", str(d / "base"), "--tokenizer-dir", str(d / "tok"), "--mixture", f"jsonl={d / 'convs.jsonl'}",
               "--val-mixture", "none", "--chatcore-every", "-1", "--num-iterations", "6", "--max-seq-len", "32"]
     sft.main([*common, "--out-dir", str(tmp_path / "a")])
-    sft.main([*common, "--out-dir", str(tmp_path / "b"), "--save-every", "3"])
-    assert probed and not any(str(d / "base") in p for p in probed), probed
-    with pytest.raises(SystemExit, match=r"already holds a run \(checkpoints at steps \[3, 6\]\)"):
+    monkeypatch.setattr(sft, "StopSignals", _SigtermAt(3))  # as if SIGTERM came during step 2
+    with pytest.raises(SystemExit) as stopped:
         sft.main([*common, "--out-dir", str(tmp_path / "b")])
-    shutil.rmtree(tmp_path / "b" / "checkpoints" / "6")  # as if the run had died after step 3's save
+    assert stopped.value.code == 143 and (tmp_path / "b" / "checkpoints" / "3" / "commit_success.txt").is_file()
+    monkeypatch.undo()
+    assert probed and not any(str(d / "base") in p for p in probed), probed
+    with pytest.raises(SystemExit, match=r"already holds a run \(checkpoints at steps \[3\]\)"):
+        sft.main([*common, "--out-dir", str(tmp_path / "b")])
     sft.main([*common, "--out-dir", str(tmp_path / "b"), "--resume"])
     losses = {}
     for run in ("a", "b"):
