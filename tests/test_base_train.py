@@ -241,7 +241,7 @@ def test_sigterm_saves_a_final_checkpoint_that_resumes(data, tmp_path):
     assert sorted(losses(out))[-2:] == [step, step + 1]
 
 
-def test_disk_full_is_one_line(data, tiny_disk, capsys):
+def test_disk_full_is_one_line(data, tiny_disk, capsys):  # noqa: F811
     rc = run_cli(base_train.main, argv(data, tiny_disk / "run", "--num-iterations", "2", "--eval-every", "-1"))
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith(("error", "Traceback"))]
     assert rc == 1 and len(err) == 1, err

@@ -72,7 +72,7 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def scratch(data, tmp_path_factory):
+def scratch(data, tmp_path_factory):  # noqa: F811
     """Bad data dirs next to the good fixture: empty, one shard, one truncated shard."""
     d = tmp_path_factory.mktemp("bad")
     (d / "empty").mkdir()
@@ -99,7 +99,7 @@ def invoke(main, args, capsys) -> tuple[int, list[str]]:
     return code, err
 
 
-def expand(cli, args, data, scratch):
+def expand(cli, args, data, scratch):  # noqa: F811
     parts = args.format(data=data, tok=data / "tok", tmp=scratch).split()
     if cli == "base_train":
         defaults = argv(data, scratch / "run", "--num-iterations", "2")
