@@ -1,6 +1,6 @@
 """Process-wide policy: which dtype the model computes in, on which platform.
 
-nanochat has one global COMPUTE_DTYPE instead of autocast (spec §2). We do the same:
+nanochat has one global COMPUTE_DTYPE instead of autocast. We do the same:
 bf16 on GPUs with compute capability >= 8.0 and on TPU, fp32 on CPU and older GPUs,
 and the env var NANOCHAT_DTYPE overrides it.
 """
@@ -22,7 +22,7 @@ def platform() -> str:
 
 
 def compute_dtype() -> jnp.dtype:
-    """The activation dtype (spec §2): NANOCHAT_DTYPE, else by platform."""
+    """The activation dtype: NANOCHAT_DTYPE, else by platform."""
     name = os.environ.get("NANOCHAT_DTYPE")
     if name:
         if name not in DTYPES:
@@ -48,7 +48,7 @@ def resolve_dtype(dtype) -> jnp.dtype:
     return jnp.dtype(dtype)
 
 
-# ---- peak FLOPs and MFU (spec §5.4) ------------------------------------------------------
+# ---- peak FLOPs and MFU ------------------------------------------------------
 
 # Dense (no 2:4 sparsity) bf16 FLOP/s of one JAX device: one GPU, or one TPU chip (v4, v5p
 # megacore; v5e, v6e have one TensorCore). Vendor spec sheets; MFU is reported against bf16

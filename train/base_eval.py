@@ -1,4 +1,4 @@
-"""Evaluate a base model (spec §7.3): CORE, bits per byte on train/val, and samples.
+"""Evaluate a base model: CORE, bits per byte on train/val, and samples.
 
     python -m train.base_eval --checkpoint RUN/checkpoints --tokenizer-dir T          # our Orbax run
     python -m train.base_eval --nanochat ~/.cache/nanochat/base_checkpoints/d20 ...   # upstream model_*.pt

@@ -1,4 +1,4 @@
-"""Pretraining (spec §5): one --depth dial → model, horizon, batch size, LRs; then train.
+"""Pretraining: one --depth dial → model, horizon, batch size, LRs; then train.
 
     python -m train.base_train --depth 20                      # nanochat's defaults
     python -m train.base_train --depth 4 --max-seq-len 256 --device-batch-size 8 \

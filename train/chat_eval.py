@@ -1,4 +1,4 @@
-"""Evaluate a chat model (spec §7.4): ARC-Easy, ARC-Challenge, MMLU by the letter logits;
+"""Evaluate a chat model: ARC-Easy, ARC-Challenge, MMLU by the letter logits;
 GSM8K and HumanEval by sampling through the continuous-batching engine; then ChatCORE.
 
     python -m train.chat_eval -i sft                       # newest SFT run, all five tasks

@@ -1,4 +1,4 @@
-"""Reinforcement learning on GSM8K (spec §9.6): on-policy REINFORCE, nanochat's reduced "GRPO".
+"""Reinforcement learning on GSM8K: on-policy REINFORCE, nanochat's reduced "GRPO".
 
     python -m train.rl                                  # newest SFT run, GSM8K train, 1 epoch
     python -m train.rl --task 'gsm8k@train[:64]' --num-samples 8 --max-new-tokens 128

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning (spec §9.3): a base checkpoint → a chat model.
+"""Supervised fine-tuning: a base checkpoint → a chat model.
 
     python -m train.sft                                   # latest base run, upstream's mixture
     python -m train.sft --base-dir out/base_checkpoints/d4 --mixture 'chatterbot[:-100]' \

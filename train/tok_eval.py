@@ -1,5 +1,5 @@
 """Compression (bytes per token, higher is better) of our tokenizer vs GPT-2 and
-cl100k_base on a few kinds of text (spec §6.4).
+cl100k_base on a few kinds of text.
 
     python -m train.tok_eval [--tokenizer-dir OUT] [--data-dir DATA]
 

@@ -1,4 +1,4 @@
-"""Train the BPE tokenizer on the pretraining shards (spec §6.4) and save it where the
+"""Train the BPE tokenizer on the pretraining shards and save it where the
 rest of the pipeline (and upstream nanochat) can load it.
 
     python -m train.tok_train [--data-dir DATA] [--out-dir OUT] [--vocab-size 32768] [--max-chars 2e9] [--doc-cap 10000]
