@@ -1,5 +1,6 @@
 """Docs stay connected: every `docs/<page>.md#anchor` named in code, tests or docs is a heading of
-that page (comments point there instead of restating upstream's rules)."""
+that page (comments point there instead of restating upstream's rules), and every relative link
+in README.md and docs/*.md points at a file of the repository (and a heading, when it names one)."""
 
 import re
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("nanochat_jax", "train", "serve", "bench", "tests", "runs", "docs")
 ANCHOR_REF = re.compile(r"(?:docs/)?\b([a-z_]+\.md)#([a-z0-9-]+)")
+MD_LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
 def slug(heading: str) -> str:
@@ -34,6 +36,22 @@ def test_every_docs_anchor_reference_is_a_heading():
     bad = [f"{src}: docs/{page}#{anchor}" for src, page, anchor in sorted(refs)
            if anchor not in anchors(ROOT / "docs" / page)]
     assert not bad, "references to headings that do not exist:\n" + "\n".join(bad)
+
+
+def test_relative_links_in_readme_and_docs_resolve():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    bad = []
+    for page in pages:
+        for target in MD_LINK.findall(page.read_text()):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue  # URLs and same-page anchors
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve()
+            if not dest.exists():
+                bad.append(f"{page.relative_to(ROOT)}: {target} (no such file)")
+            elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
+                bad.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
+    assert not bad, "broken links:\n" + "\n".join(bad)
 
 
 def test_slug_follows_github():
