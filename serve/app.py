@@ -111,7 +111,8 @@ def request_model(context: int, slots: int, limits: Limits):
         top_k: int = Field(0, ge=0, le=limits.max_top_k, description="nanochat extension: 0 = off")
         n: int = Field(1, ge=1, le=slots)
         seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX, description="all 64 bits are used")
-        stop: str | list[str] | None = Field(None, description="up to 4 non-empty strings")
+        stop: Annotated[str, Field(min_length=1)] | Annotated[
+            list[Annotated[str, Field(min_length=1)]], Field(max_length=4)] | None = None
         stream: bool = False
         stream_options: StreamOptions | None = None
         logprobs: bool = False
