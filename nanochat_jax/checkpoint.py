@@ -7,7 +7,7 @@ One step directory holds three items:
   Orbax handler), so every host resumes its own stream; optional;
 - `meta`:  JSON written by process 0 only: {"step", "model_config", "user_config",
   "loop_state", ...} like nanochat's meta_{step}.json;
-- `checksums`: JSON {array path: digest} of the state's arrays (ChecksumHandler), process 0.
+- `checksums`: JSON {"arrays": {array path: digest}, "meta": digest of the meta} (ChecksumHandler), process 0.
 
 Completion: the commit-file protocol on every filesystem. A step directory counts only
 once `commit_success.txt` is in it, and Orbax writes that last, after every item and host
@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -157,6 +158,11 @@ def _finish_digests(started: list) -> dict[str, str]:
     return out
 
 
+def meta_checksum(meta: dict) -> str:
+    """A digest of the meta as JSON (key order aside): a changed digit in the loop state is caught too."""
+    return "sha256:" + hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:32]
+
+
 def array_checksums(tree) -> dict[str, str]:
     """{array path: "dtype:16 hex digits"} for every jax/numpy array in `tree` (other leaves are skipped)."""
     return _finish_digests(_start_digests(tree))
@@ -170,13 +176,13 @@ class ChecksumHandler(ocp.AsyncCheckpointHandler):
 
     async def async_save(self, directory: epath.Path, args: ChecksumSave):
         async def write():
-            if jax.process_index() == 0:
-                (directory / self.FILENAME).write_text(json.dumps(_finish_digests(args.started)))
+            self.save(directory, args)
         return [ocp.future.CommitFutureAwaitingContractedSignals(write(), name="checksums_save")]
 
     def save(self, directory: epath.Path, args: ChecksumSave):
+        record = {"arrays": _finish_digests(args.started), "meta": args.meta}  # waits for the devices' digests
         if jax.process_index() == 0:
-            (directory / self.FILENAME).write_text(json.dumps(_finish_digests(args.started)))
+            (directory / self.FILENAME).write_text(json.dumps(record))
 
     def restore(self, directory: epath.Path, args: ChecksumRestore | None = None) -> dict:
         return json.loads((directory / self.FILENAME).read_text())
@@ -195,6 +201,7 @@ class ChecksumHandler(ocp.AsyncCheckpointHandler):
 @dataclasses.dataclass
 class ChecksumSave(ocp.args.CheckpointArgs):
     started: list  # _start_digests(state)
+    meta: str | None = None  # meta_checksum(the meta item)
 
 
 @ocp.args.register_with_handler(ChecksumHandler, for_restore=True)
@@ -333,9 +340,9 @@ class Checkpointer:
         if latest is not None and latest >= step:
             raise CheckpointSaveError(f"not saving step {step}: {self.directory} already has step {latest}; "
                                       "a directory holds one run (see --resume / --overwrite)")
-        items = {"state": ocp.args.StandardSave(state),
-                 "meta": ocp.args.JsonSave({**(meta or {}), "step": step}),
-                 CHECKSUMS: ChecksumSave(_start_digests(state))}  # dispatched before training may donate `state`
+        meta = {**(meta or {}), "step": step}
+        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta),
+                 CHECKSUMS: ChecksumSave(_start_digests(state), meta_checksum(meta))}  # before `state` may be donated
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         try:
@@ -421,10 +428,15 @@ class Checkpointer:
         """The meta of `step` (default: the latest complete one)."""
         step = self._complete_step(step)
         try:
-            return dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+            meta = dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
         except Exception as e:
             raise CheckpointCorruptError(f"checkpoint step {step} in {self.directory} has unreadable meta: "
                                          f"{_first_line(e)}", step) from None
+        recorded = (self._recorded_checksums(step) or {}).get("meta")
+        if recorded and recorded != meta_checksum(meta):
+            raise CheckpointCorruptError(f"checkpoint step {step} in {self.directory} is corrupt: its meta fails "
+                                         "its checksum", step)
+        return meta
 
     def restore(self, step: int | None = None, *, target: TrainState, data_iterator=None,
                 config: GPTConfig | None = None, fallback: bool | None = None, say=None) -> tuple[TrainState, dict]:
@@ -565,6 +577,7 @@ class Checkpointer:
     def _verify(self, step: int, tree, recorded: dict | None) -> None:
         """Compare the restored arrays with the checksums recorded at save. A leaf restored in
         another dtype than it was saved in is not comparable and is skipped."""
+        recorded = (recorded or {}).get("arrays")
         if not recorded:
             return
         got = array_checksums(tree)

@@ -359,6 +359,16 @@ def test_flipped_byte_is_detected_and_restore_falls_back(tmp_path):
             ckpt.restore(target=target, say=said.append)
 
 
+def test_a_changed_digit_in_the_meta_is_caught(tmp_path):
+    _, target = _two_steps(tmp_path)
+    meta_file = tmp_path / "2" / "meta" / "metadata"
+    meta_file.write_text(meta_file.read_text().replace('"v": 2', '"v": 3'))  # still valid JSON
+    with C.Checkpointer(tmp_path, read_only=True) as ckpt:
+        with pytest.raises(C.CheckpointCorruptError, match=r"step 2 .* is corrupt: its meta fails its checksum"):
+            ckpt.read_meta(2)
+        assert ckpt.restore(target=target, say=lambda m: None)[1] == {"v": 1, "step": 1}
+
+
 def test_truncated_array_file_is_unreadable_not_a_traceback(tmp_path):
     _, target = _two_steps(tmp_path)
     f = _biggest_data_file(tmp_path / "2")
