@@ -362,3 +362,16 @@ def test_speedrun_dpo_stage_flags():
     assert args.mixture.startswith("hh-rlhf@train") and args.val_mixture.startswith("hh-rlhf@test")
     assert "/nc/chatdpo_checkpoints/d20" in cmds[i + 1]
     assert "train.dpo" not in [c[2] for c in modules()]  # only when asked
+
+
+def test_cpu_demo_dpo_stage_flags():
+    """The main job's DPO stage (runs/cpu_demo.sh) passes flags train.dpo accepts, on the offline pairs."""
+    import shlex
+
+    text = (REPO / "runs" / "cpu_demo.sh").read_text().replace("\\\n", " ")
+    line = next(ln for ln in text.splitlines() if "-m train.dpo" in ln)
+    argv = shlex.split(line.replace("$PY", "python").replace("$NANOCHAT_JAX_HOME", "/h").replace("$TOK", "/h/tok"))
+    args = dpo_cli.parse_args(argv[argv.index("train.dpo") + 1:])
+    assert args.sft_dir == "/h/chatsft_checkpoints/d4" and args.out_dir == "/h/chatdpo_checkpoints/d4"
+    assert (args.mixture, args.val_mixture) == ("chatterbot-pairs[:-100]", "chatterbot-pairs[-100:]")
+    assert "chatdpo_checkpoints" in text.split("-m train.dpo")[1]  # the chat stage also answers with the DPO model
