@@ -423,18 +423,19 @@ def test_frequency_penalty_breaks_a_greedy_loop():
     """A scripted 'ab' loop: the greedy reply leaves the loop once the frequency penalty on a
     repeated token exceeds the model's margin, and insert resets the counts per request."""
     chain = {SP["<|bos|>"]: B("a"), B("a"): B("b"), B("b"): B("a")}
-    params = bigram_params(TINY, chain)
-    max_len = 128
-    state = engine.init_state(TINY, 1, max_len, [-1], F32)
-    prefix = engine.prefill(params, jnp.asarray([[SP["<|bos|>"]] + [0] * 15], jnp.int32), 1, config=TINY, dtype=F32)
+    eng = engine.Engine(bigram_params(TINY, chain), TINY, TOK, dtype=F32)
+    params, F = eng.params, eng.dtype
+    # two slots, a 128 cache and the Engine's own params and stop ids: what the Engine tests compiled
+    state = engine.init_state(TINY, 2, 128, eng.stop_ids, F)
+    prefix = eng.prefill([SP["<|bos|>"]], 128)
 
     def run(state, frequency):
         state = engine.insert(state, prefix, 0, jax.random.key_data(jax.random.key(0)), 0.0, 0, 1.0, 20,
-                              np.zeros(TINY.vocab_size, np.float32), 0.0, frequency, False)
+                              None, 0.0, frequency)
         out = [int(state.last_token_S[0])]
         for _ in range(9):
-            state, tokens, _ = engine.generate_step(state, params, jnp.full((1,), -1, jnp.int32), config=TINY,
-                                                    dtype=F32)
+            state, tokens, _ = engine.generate_step(state, params, jnp.full((2,), -1, jnp.int32), config=TINY,
+                                                    dtype=F)
             out.append(int(tokens[0]))
         return state, out
 

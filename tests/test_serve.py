@@ -589,6 +589,13 @@ sys.exit(A.serve(sched, A.create_app(sched, "loop"), "127.0.0.1", int(sys.argv[1
 """
 
 
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """One persistent XLA cache for the server subprocesses: the second one skips the compiles."""
+    return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("xla_cache")),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
 def _spawn(env):
     import os
     import subprocess
@@ -613,8 +620,8 @@ def _spawn(env):
         time.sleep(0.2)
 
 
-def test_dead_loop_gives_503_and_the_process_exits_nonzero():
-    proc, url = _spawn({"FAIL_AFTER": "5"})
+def test_dead_loop_gives_503_and_the_process_exits_nonzero(compile_cache):
+    proc, url = _spawn({"FAIL_AFTER": "5", **compile_cache})
     try:
         r = httpx.post(f"{url}/v1/chat/completions", json={"messages": MSGS, "max_tokens": 50}, timeout=60)
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
@@ -630,13 +637,13 @@ def test_dead_loop_gives_503_and_the_process_exits_nonzero():
             proc.kill()
 
 
-def test_sigterm_drains_then_exits():
+def test_sigterm_drains_then_exits(compile_cache):
     """SIGTERM: a stream that fits in the drain time finishes; a longer one is cut at the drain
     limit; the process exits 0 within a few seconds instead of hanging."""
     import signal
     from concurrent.futures import ThreadPoolExecutor
 
-    proc, url = _spawn({"DRAIN": "1.5"})
+    proc, url = _spawn({"DRAIN": "1.5", **compile_cache})
 
     def stream(max_tokens, started):
         body = {"messages": MSGS, "max_tokens": max_tokens, "temperature": 0, "stream": True}
