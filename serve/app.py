@@ -603,6 +603,50 @@ def load_engine(checkpoint: str, nanochat: bool, tokenizer_dir: str, dtype=None,
     return Engine(params, config, Tokenizer.load(tokenizer_dir), dtype=dtype)
 
 
+def warm_up(sched: Scheduler, app: FastAPI, api_key: str | None = None) -> float:
+    """Everything a first request needs, done before serving: the scheduler's compiles and
+    end-to-end requests (Scheduler.warmup), then one plain and one streamed chat request
+    through the app itself (routing, validation, the safety filter, JSON and SSE encoding)
+    as in-process ASGI calls. Returns the seconds taken."""
+    t0 = time.perf_counter()
+    sched.warmup()
+    headers = [(b"content-type", b"application/json")]
+    if api_key:
+        headers.append((b"authorization", f"Bearer {api_key}".encode()))
+    for stream in (False, True):
+        body = json.dumps({"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 2, "stream": stream,
+                           "logprobs": True, "top_logprobs": 1}).encode()
+        status = asyncio.run(_asgi_post(app, "/v1/chat/completions", body, headers))
+        if status != 200:
+            raise RuntimeError(f"warm-up request answered {status}")
+    return time.perf_counter() - t0
+
+
+async def _asgi_post(app, path: str, body: bytes, headers: list) -> int:
+    """One POST through the ASGI app, no socket; returns the status code."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
+             "headers": [(b"host", b"warm-up"), *headers], "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0)}
+    sent, status, done = False, [0], asyncio.Event()
+
+    async def receive():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await done.wait()  # the client stays until the response is complete
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            status[0] = message["status"]
+        elif message["type"] == "http.response.body" and not message.get("more_body"):
+            done.set()
+
+    await app(scope, receive, send)
+    return status[0]
+
+
 def serve(sched: Scheduler, app: FastAPI, host: str, port: int, drain_s: float = 5.0,
           exit_delay_s: float = 1.0) -> int:
     """Run uvicorn until SIGTERM/SIGINT or the decode loop dies; returns the exit code.
@@ -688,7 +732,7 @@ def main(argv=None):
     app = create_app(sched, args.model_name, args.api_key, safety=policy, truncate=args.truncate)
     if not args.no_warmup:
         print("warming up (compiling prefill buckets and the decode step)...", file=sys.stderr, flush=True)
-        print(f"warm-up took {sched.warmup():.1f} s", file=sys.stderr, flush=True)
+        print(f"warm-up took {warm_up(sched, app, args.api_key):.1f} s", file=sys.stderr, flush=True)
     sys.exit(serve(sched, app, args.host, args.port, args.drain_seconds))
 
 
