@@ -63,6 +63,7 @@ class DecodeState(NamedTuple):
     counts_SV: jax.Array  # int32 times each token was generated in the slot
     presence_S: jax.Array  # fp32 presence_penalty
     frequency_S: jax.Array  # fp32 frequency_penalty
+    adjust_S: jax.Array  # bool: the slot has a bias or a penalty (else the processing is skipped)
     # Log-probabilities of the newest token under the processed (pre-temperature) distribution,
     # and the TOP_LOGPROBS best alternatives (computed only while some slot asks for them).
     logprob_S: jax.Array  # fp32
@@ -313,6 +314,7 @@ def init_state(config: GPTConfig, slots: int, max_len: int, stop_ids, dtype=None
         temperature_S=jnp.zeros((slots,), jnp.float32), top_k_S=zeros_i(), top_p_S=jnp.ones((slots,), jnp.float32),
         stop_ids_N=jnp.asarray(stop_ids, jnp.int32).reshape(-1),
         bias_SV=zeros_f(V), counts_SV=jnp.zeros((slots, V), jnp.int32), presence_S=zeros_f(), frequency_S=zeros_f(),
+        adjust_S=jnp.zeros((slots,), bool),
         logprob_S=zeros_f(), top_ids_SL=jnp.zeros((slots, L), jnp.int32), top_lp_SL=zeros_f(L),
         want_lp_S=jnp.zeros((slots,), bool))
 
@@ -372,6 +374,8 @@ def insert(state: DecodeState, prefix: Prefix, slot, key_data, temperature, top_
         counts_SV=put(state.counts_SV, jnp.zeros((1, V), jnp.int32).at[0, token[0]].add(1)),
         presence_S=put(state.presence_S, jnp.asarray(presence, jnp.float32)[None]),
         frequency_S=put(state.frequency_S, jnp.asarray(frequency, jnp.float32)[None]),
+        adjust_S=put(state.adjust_S, (jnp.any(bias_1V != 0) | (jnp.asarray(presence) != 0)
+                                      | (jnp.asarray(frequency) != 0))[None]),
         logprob_S=put(state.logprob_S, lp), top_ids_SL=put(state.top_ids_SL, top_ids),
         top_lp_SL=put(state.top_lp_SL, top_lp), want_lp_S=put(state.want_lp_S, want))
 
@@ -382,7 +386,10 @@ def _decode(state: DecodeState, params, forced_S, active_S, config: GPTConfig, d
                                         state.lengths_S, state.prev_SC, active_S.astype(jnp.int32),
                                         config=config, dtype=dtype)
     keys_SK, sub_SK = _split_keys(state.keys_SK)
-    logits_SV = process_logits(logits[:, 0], state.bias_SV, state.counts_SV, state.presence_S, state.frequency_S)
+    logits_SV = jax.lax.cond(  # vocabulary-wide work only while some running slot needs it
+        jnp.any(active_S & state.adjust_S),
+        lambda: process_logits(logits[:, 0], state.bias_SV, state.counts_SV, state.presence_S, state.frequency_S),
+        lambda: logits[:, 0])
     # Idle rows count as greedy and unfiltered, so they never pull the batch onto a costlier sampler.
     sampled_S = sample_logits(logits_SV, sub_SK, jnp.where(active_S, state.temperature_S, 0.0),
                               jnp.where(active_S, state.top_k_S, 0), jnp.where(active_S, state.top_p_S, 1.0))
