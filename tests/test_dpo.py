@@ -61,7 +61,7 @@ def parity_fns():
             "logps": jax.jit(lambda p, x, y: dpo.sequence_logps(p, x, y, PARITY_CFG, dtype=jnp.float32))}
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=5, deadline=None)
 @given(loss_type=st.sampled_from(["dpo", "ipo"]), beta=st.sampled_from([0.05, 0.1, 0.5, 1.0]),
        smoothing=st.sampled_from([0.0, 0.2]), drift=st.sampled_from([0.0, 0.02]), seed=st.integers(0, 2**16))
 def test_loss_and_grads_match_torch_reference(parity_fns, loss_type, beta, smoothing, drift, seed):
@@ -161,10 +161,12 @@ CFG = GPTConfig(sequence_len=32, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2
 
 @pytest.fixture(scope="module")
 def tiny():
-    params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(5), p.shape, p.dtype),
-                          model.init_params(CFG, jax.random.key(4)))
+    rng = np.random.default_rng(5)
+    params = jax.tree.map(lambda p: np.asarray(p) + 0.02 * rng.standard_normal(p.shape).astype(p.dtype),
+                          jax.jit(model.init_params, static_argnums=0)(CFG, jax.random.key(4)))
     x, y = pair_batch(np.random.default_rng(0), 3, 32, 64)
-    ref = dpo.sequence_logps(params, x, y, CFG) - jnp.asarray([0.3, -0.2, 0.5, 0.1, -0.4, 0.2])
+    logps = jax.jit(dpo.sequence_logps, static_argnums=3)(params, x, y, CFG)
+    ref = np.asarray(logps) - np.asarray([0.3, -0.2, 0.5, 0.1, -0.4, 0.2], np.float32)
     return params, x, y, ref
 
 
@@ -213,7 +215,8 @@ def test_cached_reference_step_equals_reference_params_step(tiny):
         init_train_state(CFG, tx, mesh, None, params=params), jax.device_put(ref_params), xs, ys, 0.5)
     cached = np.asarray(m1["ref_logps"])
     assert cached.shape == (2, 6)
-    np.testing.assert_allclose(cached[0], np.asarray(dpo.sequence_logps(ref_params, x, y, CFG)), rtol=1e-5)
+    want = jax.jit(dpo.sequence_logps, static_argnums=3)(ref_params, x, y, CFG)
+    np.testing.assert_allclose(cached[0], np.asarray(want), rtol=1e-5)
     s2, m2 = dpo.make_dpo_step(CFG, tx, mesh, beta=0.2, with_reference=False)(
         init_train_state(CFG, tx, mesh, None, params=params), cached, xs, ys, 0.5)
     assert float(m1["loss"]) == pytest.approx(float(m2["loss"]), rel=1e-6)
