@@ -256,6 +256,9 @@ def dpo_setup(tmp_path_factory):
     with Checkpointer(d / "sft" / "checkpoints", async_save=False) as ckpt:
         ckpt.save(7, state, meta=meta)
     pairs = [{"prompt": q, "chosen": a, "rejected": RUDE[i]} for i, (q, a) in enumerate(QA)]
+    (d / "tasks" / "ARC-Easy").mkdir(parents=True)
+    (d / "tasks" / "ARC-Easy" / "test.jsonl").write_text(json.dumps(
+        {"id": "a", "question": "Say hello.", "choices": {"text": ["hi", "no"], "label": ["A", "B"]}, "answerKey": "A"}))
     (d / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     return d, tok
 
@@ -270,7 +273,8 @@ def test_dpo_raises_preference_accuracy_and_writes_a_loadable_model(dpo_setup, t
     d, tok = dpo_setup
     out = tmp_path / "run"
     dpo_cli.main(common_args(d, out, "--val-mixture", f"jsonl={d / 'pairs.jsonl'}", "--epochs", "16", "--beta", "0.5",
-                             "--init-lr-frac", "0.1", "--eval-every", "6", "--eval-tokens", "256"))
+                             "--init-lr-frac", "0.1", "--eval-every", "6", "--eval-tokens", "256",
+                             "--chatcore-every", "0", "--chatcore-tasks", "ARC-Easy", "--task-data-dir", str(d / "tasks")))
     printed = capsys.readouterr().out
     assert "held-out preference accuracy (implicit reward): 50.0% -> 100.0%" in printed, printed
     records = read_metrics(out / "metrics.jsonl")
@@ -281,8 +285,9 @@ def test_dpo_raises_preference_accuracy_and_writes_a_loadable_model(dpo_setup, t
     assert [r["step"] for r in records if "train/loss_raw" in r] == list(range(12))
     bpb = [r["val/bpb"] for r in records if "val/bpb" in r]
     assert len(bpb) == 3 and all(np.isfinite(bpb))  # the SFT run's own val mixture, by default
+    assert [r["step"] for r in records if "chatcore/ARC-Easy" in r] == [0, 12]  # before and after
     report = (out / "report.md").read_text()
-    assert "held-out acc | 0.5000 -> 1.0000" in report and "SFT val bpb" in report
+    assert "held-out acc | 0.5000 -> 1.0000" in report and "SFT val bpb" in report and "| ChatCORE |" in report
     for png in ("reward_acc.png", "margin.png", "chosen_logp.png", "rejected_logp.png", "heldout_acc.png"):
         assert (out / png).stat().st_size > 1000
     params, config, meta = load_params(out)  # what chat_eval --checkpoint, serve.app and serve.cli call
