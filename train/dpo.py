@@ -46,7 +46,7 @@ from nanochat_jax.evals.bpb import evaluate_bpb
 from nanochat_jax.report import LossEMA, RunLogger, _plot, _series, read_metrics, write_report
 from nanochat_jax.tasks.spec import parse_mixture
 from nanochat_jax.tokenizer import Tokenizer
-from nanochat_jax.train_step import TrainState, init_train_state
+from nanochat_jax.train_step import init_train_state
 
 FALLBACK_LRS = {"embedding_lr": 0.3, "unembedding_lr": 0.004, "matrix_lr": 0.02}
 PREF_KEYS = ("acc", "margin", "logp_acc", "chosen_logp", "rejected_logp")
