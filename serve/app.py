@@ -265,8 +265,8 @@ def create_app(engine_or_scheduler: Engine | Scheduler, model_name: str, api_key
     async def _invalid(request: HTTPRequest, e: RequestValidationError):
         errs = e.errors()
         if errs and errs[0]["type"] == "json_invalid":
-            return _error(400, f"request body is not valid JSON ({errs[0].get('ctx', {}).get('error', 'decode error')})",
-                          code="invalid_json")
+            why = errs[0].get("ctx", {}).get("error", "decode error")
+            return _error(400, f"request body is not valid JSON ({why})", code="invalid_json")
         err = max(errs, key=lambda x: len(x["loc"]))  # a union's deepest branch says most
         param = _param(err["loc"])
         if param is None:  # the body as a whole: not an object, empty, or not sent as JSON
@@ -338,7 +338,8 @@ def create_app(engine_or_scheduler: Engine | Scheduler, model_name: str, api_key
         mid = f"modr-{uuid.uuid4().hex}"
         for t, r in zip(texts, results):
             if r["flagged"]:
-                safety_log.info("safety: %s moderation flagged %s", mid, ",".join(k for k, v in r["categories"].items() if v))
+                flagged = ",".join(k for k, v in r["categories"].items() if v)
+                safety_log.info("safety: %s moderation flagged %s", mid, flagged)
         return {"id": mid, "model": f"{model_name}-safety-policy", "results": results}
 
     chat_responses = _err_responses(400, 401, 429, 503)
@@ -356,7 +357,8 @@ def create_app(engine_or_scheduler: Engine | Scheduler, model_name: str, api_key
         if safety is not None:
             hit = safety.check("\n".join(m.text() for m in body.messages if m.role != "assistant"))
             if hit is not None:
-                safety_log.info("safety: %s input flagged %s%s", cid, hit.category, f" user={body.user}" if body.user else "")
+                safety_log.info("safety: %s input flagged %s%s", cid, hit.category,
+                                f" user={body.user}" if body.user else "")
                 return _refusal(body, hit.refusal, cid, created, model_name, len(prompt), headers)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         guard = None

@@ -130,7 +130,8 @@ def test_classifier_hook(policy):
     assert p.categories_in("how to make a bomb with pineapple") == {"weapons", "fruit"}
     # output: released a sentence at a time, after the classifier saw it
     first = "Hello there, this first sentence is long enough to leave the held-back tail. "
-    released, cat = _stream(p.output_guard(), list(first + "Now the pineapple part, which never shows, and it goes on for a while longer."))
+    rest = "Now the pineapple part, which never shows, and it goes on for a while longer."
+    released, cat = _stream(p.output_guard(), list(first + rest))
     assert cat == "fruit" and released == first.strip()
     with pytest.raises(PolicyError, match="module:function"):
         safety.load_classifier("nocolon")
