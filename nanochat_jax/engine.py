@@ -1,6 +1,6 @@
-"""KV-cache inference (spec §8): jitted prefill / insert / generate_step, and the host Engine.
+"""KV-cache inference (docs/numerics.md#generation): jitted prefill / insert / generate_step, and the host Engine.
 
-The serving shape is JetStream's (jax-anchors §5): a prompt is prefilled once at batch 1,
+The serving shape is the one JAX serving stacks use (JetStream's): a prompt is prefilled once at batch 1,
 padded to a length bucket so only a few shapes ever compile; the result is inserted into
 one row ("slot") of a fixed-size decode state; each generate_step advances every running
 slot by one token and samples on device. Each slot carries its own length, RNG key and
@@ -11,8 +11,9 @@ The cached forward re-states model.GPT.__call__ as a pure function of the same p
 tree, reading and writing k/v at per-slot positions; it must equal `model.forward` at
 every position (same rotary offsets, smear, value embeddings, backout and windows).
 
-The jitted core never sees a tokenizer: the host Engine owns the calculator tool (§8.4),
-whose state machine forces `<|output_start|> result <|output_end|>` into a row.
+The jitted core never sees a tokenizer: the host Engine owns the calculator tool (an expression
+between <|python_start|> and <|python_end|>, as upstream), whose state machine forces
+`<|output_start|> result <|output_end|>` into a row.
 """
 
 from __future__ import annotations
@@ -441,7 +442,7 @@ def generate_steps(state: DecodeState, params, forced_NS, pause_id, *, config: G
     return state, tokens_NS, finish_NS, fresh_NS, logprobs
 
 
-# ---- calculator tool (spec §8.4) ----------------------------------------------------------------
+# ---- calculator tool ------------------------------------------------------------------------
 
 _ARITH_CHARS = set("0123456789*+-/.() ")
 _COUNT_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789'\"()._ ")

@@ -58,3 +58,14 @@ def test_slug_follows_github():
     assert slug("How it is tested on CPU") == "how-it-is-tested-on-cpu"
     assert slug("QK norm") == "qk-norm"
     assert slug("Sharding: one mesh, logical axes, many hosts") == "sharding-one-mesh-logical-axes-many-hosts"
+
+
+def test_no_references_to_documents_outside_the_repository():
+    """Comments say their reason in place or point into docs/; a reader of this repository has no
+    other design documents, so citations of them (or paths out of the checkout) are dead ends."""
+    cited = re.compile(r"spec §|jax-anchors|\.\./shared/|/work/shared")
+    bad = [f"{path.relative_to(ROOT)}:{n}" for path in files() if path.name != "test_docs.py"
+           for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if cited.search(line)]
+    bad += [f"{p.relative_to(ROOT)}" for p in (ROOT / "pyproject.toml", ROOT / ".ci" / "run")
+            if cited.search(p.read_text())]
+    assert not bad, "references to documents outside the repository:\n" + "\n".join(bad)

@@ -1,4 +1,4 @@
-"""KV-cache engine: cached decode equals the full forward, and upstream's Engine behaviours (spec §8, §11)."""
+"""KV-cache engine: cached decode equals the full forward, and upstream's Engine behaviours (docs/numerics.md#generation)."""
 
 import jax
 import jax.numpy as jnp
