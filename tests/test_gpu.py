@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from helpers import needs_torch, torch
+from test_engine import ByteTokenizer
 from nanochat_jax import engine, model, optim, sharding
 from nanochat_jax.config import GPTConfig
 from nanochat_jax.convert import params_from_state_dict, state_dict_from_params
-from nanochat_jax.tokenizer import SPECIAL_TOKENS
 from nanochat_jax.train_step import init_train_state, make_train_step
 
 if torch is not None:
@@ -116,19 +116,6 @@ def test_fp32_on_device_meets_the_cpu_bars():
     assert rel_err(logits_j, logits_t) <= 1e-5
     assert abs(loss_j - loss_t) <= 1e-6 * max(1.0, abs(loss_t))
     assert_grads_close(grads_j, grads_t, rel=1e-4, floor_frac=1e-6)
-
-
-class ByteTokenizer:
-    vocab_size = 256 + len(SPECIAL_TOKENS)
-
-    def encode_special(self, s):
-        return 256 + SPECIAL_TOKENS.index(s)
-
-    def encode(self, text):
-        return list(text.encode())
-
-    def decode(self, ids):
-        return bytes(i for i in ids if i < 256).decode(errors="replace")
 
 
 def noisy_params(config, seed=0, scale=0.05):
