@@ -26,7 +26,8 @@ from nanochat_jax.engine import Engine
 from nanochat_jax.evals.chat import BASELINES, categorical_accuracy, chatcore, generative_accuracy
 
 TASKS = tuple(BASELINES)
-RUN_ROOTS = {"base": "base_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
+RUN_ROOTS = {"base": "base_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints",
+             "dpo": "chatdpo_checkpoints"}
 
 
 def make_task(name: str, data_dir: Path | None = None, source: str = "auto", **slice_kw):

@@ -104,7 +104,7 @@ def load_start(args):
         raise SystemExit(f"error: {e}; train a chat model (python -m train.sft) or pass --sft-dir") from None
     ckpt_dir = checkpoint_dir(run)
     try:
-        with Checkpointer(ckpt_dir, async_save=False) as ckpt:
+        with Checkpointer(ckpt_dir, async_save=False, read_only=True) as ckpt:  # never writes into the SFT run
             tree, meta = ckpt.restore_state_tree(args.sft_step)
     except (FileNotFoundError, OSError, ValueError) as e:
         raise SystemExit(f"error: cannot load the starting checkpoint from {ckpt_dir}: {e}") from None
