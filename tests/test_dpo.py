@@ -350,6 +350,14 @@ def test_errors(dpo_setup, tmp_path):
         args = common_args(d, tmp_path / "o", "--val-mixture", "none", "--sft-val-mixture", "none")
         with pytest.raises(SystemExit, match=msg):
             dpo_cli.main([*args, *extra])
+    # one directory, one run: an earlier run's files are refused, and --overwrite moves them aside
+    (tmp_path / "held").mkdir()
+    (tmp_path / "held" / "metrics.jsonl").write_text("{}\n")
+    args = common_args(d, tmp_path / "held", "--val-mixture", "none", "--sft-val-mixture", "none")
+    with pytest.raises(SystemExit, match="already holds a run"):
+        dpo_cli.main(args)
+    with pytest.raises(SystemExit, match="contradict"):
+        dpo_cli.main([*args, "--resume", "--overwrite"])
 
 
 def test_speedrun_dpo_stage_flags():

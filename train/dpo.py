@@ -35,7 +35,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from nanochat_jax import optim, sharding
-from nanochat_jax.checkpoint import Checkpointer, abstract_train_state, checkpoint_dir, newest_run
+from nanochat_jax.checkpoint import (Checkpointer, RunDirError, abstract_train_state, checkpoint_dir, newest_run,
+                                     prepare_run_dir)
 from nanochat_jax.common import resolve_dtype, tune_malloc
 from nanochat_jax.config import GPTConfig
 from nanochat_jax.data.dataset import home_dir
@@ -87,6 +88,7 @@ def parse_args(argv=None):
     a("--task-data-dir", default=None, help="local task data: DIR/<task>/, e.g. DIR/hh-rlhf/")
     a("--save-every", type=int, default=-1)
     a("--resume", action="store_true", help="continue from the latest complete checkpoint in --out-dir")
+    a("--overwrite", action="store_true", help="move a run already in --out-dir aside to <out-dir>.replaced-<time>")
     a("--model-tag", default=None)
     a("--mesh", default="data=-1")
     a("--dtype", default=None)
@@ -208,6 +210,12 @@ def main(argv=None):
     num_steps = args.num_iterations if args.num_iterations > 0 else max(1, round(args.epochs * n_pairs / args.pairs_per_step))
     tag = args.model_tag or f"d{config.n_layer}"
     out_dir = Path(args.out_dir) if args.out_dir else home_dir() / "chatdpo_checkpoints" / tag
+    try:  # one directory, one run: never mix this run's checkpoints with an earlier one's
+        moved = prepare_run_dir(out_dir, resume=args.resume, overwrite=args.overwrite)
+    except RunDirError as e:
+        raise SystemExit(f"error: {e}") from None
+    if moved:
+        say(f"moved the earlier run aside to {moved}")
     start = {"dir": str(start_dir), "step": start_meta.get("step")}
     say(f"dpo: {start_dir} step {start['step']} -> {out_dir}; {n_pairs:,} pairs, {args.loss} beta={args.beta}, T={T}, "
         f"{pairs_micro} pairs x {grad_accum} micro-steps per step, {num_steps} steps, "
