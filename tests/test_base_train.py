@@ -89,6 +89,7 @@ def _run_cli(args, env=None, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
+@pytest.mark.slow  # runs in the 3.11 leg; the 3.12/newest-JAX leg deselects it
 def test_resume_after_sigkill_is_bit_exact(data, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     common = ["--num-iterations", "20", "--eval-every", "-1", "--mesh", "data=2"]
@@ -131,6 +132,7 @@ def test_resume_skips_an_incomplete_checkpoint_and_changes_mesh(data, tmp_path):
     assert (out / "nanochat" / "model_000006.pt").is_file() == (torch is not None)
 
 
+@pytest.mark.slow  # runs in the 3.11 leg; the 3.12/newest-JAX leg deselects it
 def test_two_processes_save_one_checkpoint_and_resume(data, tmp_path):
     out = tmp_path / "mp"
     common = ["--num-iterations", "4", "--save-every", "2", "--eval-every", "-1", "--mesh", "data=4"]
