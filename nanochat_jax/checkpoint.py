@@ -305,18 +305,20 @@ class Checkpointer:
         self._in_flight: int | None = None  # the step of the save started last and not yet seen committed
         self.bad_steps: dict[int, str] = {}  # step -> why, for steps a restore found corrupt
         logging.getLogger("absl").addFilter(_QUIET)
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=None if read_only else max_to_keep, enable_async_checkpointing=async_save,
-            read_only=read_only, create=not read_only,
-            atomicity_options=ocp.options.AtomicityOptions(mode=ocp.options.AtomicityMode.COMMIT_FILE))
         # cleanup_tmp_directories stays off: a reader opening a live run's directory must not
         # delete the save in flight. A leftover partial step is replaced when that step is saved again.
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
-            "state": ocp.StandardCheckpointHandler(),
-            "data": grain.checkpoint.CheckpointHandler(),
-            "meta": ocp.JsonCheckpointHandler(),
-            CHECKSUMS: ChecksumHandler(),
-        })
+        # Orbax warns that a read-only manager saves nothing, which is what read-only asks for.
+        with _absl_level(logging.ERROR if read_only else logging.NOTSET):
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=None if read_only else max_to_keep, enable_async_checkpointing=async_save,
+                read_only=read_only, create=not read_only,
+                atomicity_options=ocp.options.AtomicityOptions(mode=ocp.options.AtomicityMode.COMMIT_FILE))
+            self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": grain.checkpoint.CheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+                CHECKSUMS: ChecksumHandler(),
+            })
 
     # ---- save --------------------------------------------------------------------------------
 

