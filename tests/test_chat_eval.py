@@ -131,6 +131,7 @@ def test_engine_sampler_matches_engine_complete(setup):
         assert texts == [tok.decode(solo.tokens)] * 2
 
 
+@pytest.mark.slow  # runs in the 3.11 leg; the 3.12/newest-JAX leg deselects it
 def test_cli(setup, tmp_path):
     d, tok, cfg, params = setup
     fav = favourite(setup)

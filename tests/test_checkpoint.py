@@ -108,6 +108,7 @@ def test_max_to_keep(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.isdigit()) == ["30", "40"]
 
 
+@pytest.mark.slow  # runs in the 3.11 leg; the 3.12/newest-JAX leg deselects it
 def test_restore_onto_another_mesh(run, tmp_path):
     """Saved on data=8, restored on data=2,model=4: same values, new shardings, same next-step loss."""
     tx, _, step8, state = run

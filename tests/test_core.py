@@ -542,6 +542,7 @@ WORD_TASKS = {  # text the 320-token test tokenizer knows
 }
 
 
+@pytest.mark.slow  # runs in the 3.11 leg; the 3.12/newest-JAX leg deselects it
 def test_base_eval_cli_on_a_tiny_checkpoint(data, tmp_path, capsys):  # noqa: F811
     from nanochat_jax.tokenizer import Tokenizer
     from train import base_eval
@@ -637,6 +638,7 @@ print("RESULT " + json.dumps({"results": out["results"], "ref": ref}), flush=Tru
 '''
 
 
+@pytest.mark.slow  # runs in the 3.11 leg; the 3.12/newest-JAX leg deselects it
 def test_two_processes_stride_and_sum(tmp_path):
     import os
     import subprocess
