@@ -22,7 +22,6 @@ import numpy as np
 import rustbpe
 import tiktoken
 
-from nanochat_jax.data.dataset import home_dir
 from nanochat_jax.fileio import atomic_write
 
 # GPT-4's cl100k split, except numbers group 1-2 digits (upstream's best val bpb at d12).
@@ -47,11 +46,6 @@ PICKLE_NAME = "tokenizer.pkl"
 TOKEN_BYTES_NAME = "token_bytes.npy"
 TOKEN_BYTES_TORCH_NAME = "token_bytes.pt"
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS) + 1  # bytes + specials + at least one merge
-
-
-def default_tokenizer_dir() -> Path:
-    """Where the pipeline saves and looks for the tokenizer by default (upstream: $BASE/tokenizer)."""
-    return home_dir() / "tokenizer"
 
 
 def cap_documents(texts: Iterable[str], doc_cap: int, max_chars: int | None) -> Iterator[str]:

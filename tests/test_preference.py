@@ -138,13 +138,13 @@ def test_offline_pairs_use_an_unrelated_reply_and_align_with_sft(tmp_path, monke
         pref.build_offline_pairs(CONVS[:1])
     # the file follows the SFT file's order, so the same slice of both tasks has the same prompts
     monkeypatch.setenv("NANOCHAT_JAX_HOME", str(tmp_path))
-    from nanochat_jax.data.corpus import default_sft_path
+    from nanochat_jax.paths import offline_pref_path, offline_sft_path
     from nanochat_jax.tasks.spec import parse_mixture
 
-    default_sft_path().parent.mkdir(parents=True)
-    default_sft_path().write_text("".join(json.dumps(c) + "\n" for c in CONVS))
+    offline_sft_path().parent.mkdir(parents=True)
+    offline_sft_path().write_text("".join(json.dumps(c) + "\n" for c in CONVS))
     assert pref.main(["offline"]) == 0
-    assert pref.default_offline_path().is_file()
+    assert offline_pref_path().is_file()
     sft, prefs = parse_mixture("chatterbot[-7:]"), pref.parse_preference_mixture("chatterbot-pairs[-7:]")
     assert [c["messages"][:-1] for c in sft] == [p["messages"] for p in prefs]
 

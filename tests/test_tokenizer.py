@@ -18,7 +18,8 @@ import tiktoken
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from nanochat_jax.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, cap_documents, default_tokenizer_dir
+from nanochat_jax.paths import tokenizer_dir
+from nanochat_jax.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, cap_documents
 from train import tok_eval, tok_train
 
 VOCAB = 512
@@ -401,7 +402,7 @@ def test_tok_eval_subprocess_offline(tok, tmp_path):
 
 def test_default_dir_follows_home(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOCHAT_JAX_HOME", str(tmp_path))
-    assert default_tokenizer_dir() == tmp_path / "tokenizer"
+    assert tokenizer_dir() == tmp_path / "tokenizer"
 
 
 def test_tok_train_needs_two_shards(tmp_path):

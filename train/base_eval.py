@@ -23,10 +23,12 @@ import jax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from nanochat_jax import sharding
+from nanochat_jax import paths, sharding
 from nanochat_jax.common import DTYPES, resolve_dtype, run_cli, tune_malloc
-from nanochat_jax.data.dataset import home_dir
+from nanochat_jax.download import DownloadError
 from nanochat_jax.evals import core as core_eval
+from nanochat_jax.evals import core_tasks
+from nanochat_jax.paths import home_dir, pretrain_data_dir
 
 EVALS = ("core", "bpb", "sample")
 
@@ -42,7 +44,7 @@ def parse_args(argv=None):
     a("--tokenizer-dir", default=None, help="default $NANOCHAT_JAX_HOME/tokenizer")
     a("--bundle-dir", default=None, help="CORE eval bundle (default $NANOCHAT_JAX_HOME/eval_bundle)")
     a("--download", action="store_true", help="download the eval bundle into --bundle-dir if it is not there")
-    a("--bundle-url", default=core_eval.EVAL_BUNDLE_URL)
+    a("--bundle-url", default=core_tasks.EVAL_BUNDLE_URL)
     a("--tasks", default=None, help="comma-separated CORE task labels (default: all in the bundle)")
     a("--max-per-task", type=int, default=-1, help="examples per CORE task (-1: all)")
     a("--device-batch-size", type=int, default=32, help="rows per device per forward (bpb; CORE's token budget)")
@@ -124,22 +126,22 @@ def main(argv=None) -> int:
     # Resolve every input before the slow parts, so a missing file fails in a second.
     bundle = None
     if "core" in evals or args.download:
-        bundle_dir = Path(args.bundle_dir) if args.bundle_dir else core_eval.default_bundle_dir()
+        bundle_dir = Path(args.bundle_dir) if args.bundle_dir else paths.bundle_dir()
         if args.download:
             try:
-                core_eval.download_bundle(bundle_dir, args.bundle_url)
-            except core_eval.BundleDownloadError as e:
+                core_tasks.download_bundle(bundle_dir, args.bundle_url)
+            except DownloadError as e:
                 _fail(str(e))
             print(f"eval bundle ready in {bundle_dir}")
         if "core" in evals:
             try:
-                bundle = core_eval.load_bundle(bundle_dir)
+                bundle = core_tasks.load_bundle(bundle_dir)
                 if args.tasks:
                     bundle = bundle.select([t.strip() for t in args.tasks.split(",") if t.strip()])
-            except (FileNotFoundError, core_eval.CoreDataError) as e:
+            except (FileNotFoundError, core_tasks.CoreDataError) as e:
                 _fail(str(e))
             if not bundle.tasks:
-                _fail(f"no CORE task files under {bundle_dir / core_eval.DATA_DIRNAME}")
+                _fail(f"no CORE task files under {bundle_dir / core_tasks.DATA_DIRNAME}")
     if args.checkpoint is None and args.nanochat is None:
         if args.download:
             return 0  # --download alone just fetches the bundle
@@ -156,9 +158,7 @@ def main(argv=None) -> int:
         _fail(f"cannot load the tokenizer: {e}")
     data_dir = None
     if "bpb" in evals:
-        from train.base_train import default_data_dir
-
-        data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+        data_dir = Path(args.data_dir) if args.data_dir else pretrain_data_dir()
         if len(list(data_dir.glob("*.parquet"))) < 2:
             _fail(f"bpb needs at least 2 parquet shards (train + val) in {data_dir}; pass --data-dir")
     params, config, step = load_model(args, dtype)

@@ -36,10 +36,12 @@ from nanochat_jax.common import (DTYPES, StopSignals, check_model_fits, mfu, pea
                                  tune_malloc)
 from nanochat_jax.config import config_for_depth
 from nanochat_jax.convert import export_nanochat_checkpoint, torch_available
-from nanochat_jax.data.dataset import check_parquet, home_dir
+from nanochat_jax.data.dataset import check_parquet
 from nanochat_jax.data.pipeline import pretrain_loader, val_batches
 from nanochat_jax.evals import core as core_eval
+from nanochat_jax.evals.core_tasks import bundle_for_training
 from nanochat_jax.evals.bpb import evaluate_bpb
+from nanochat_jax.paths import home_dir, pretrain_data_dir
 from nanochat_jax.report import LossEMA, RunLogger, StepTimer, format_step_line, write_report
 from nanochat_jax.tokenizer import Tokenizer
 from nanochat_jax.train_step import init_train_state, make_train_step
@@ -176,11 +178,6 @@ def make_plan(args, config, mesh) -> Plan:
                 scaling.muon_weight_decay(config, B, args.weight_decay, args.target_param_data_ratio, args.aspect_ratio))
 
 
-def default_data_dir() -> Path:
-    climbmix = home_dir() / "base_data_climbmix"
-    return climbmix if len(list(climbmix.glob("*.parquet"))) >= 2 else home_dir() / "base_data_offline"
-
-
 def sample(params, config, tok, dtype, backend, max_tokens=16) -> list[str]:
     out = []
     for prompt in SAMPLE_PROMPTS:
@@ -203,7 +200,7 @@ def main(argv=None):
 
     tag = args.model_tag or f"d{args.depth}"
     out_dir = Path(args.out_dir) if args.out_dir else home_dir() / "base_checkpoints" / tag
-    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    data_dir = Path(args.data_dir) if args.data_dir else pretrain_data_dir()
     tok_dir = Path(args.tokenizer_dir) if args.tokenizer_dir else home_dir() / "tokenizer"
     # Every input is checked before the run directory exists, so a mistake costs seconds and leaves nothing.
     try:
@@ -244,7 +241,7 @@ def _train(args, tag, out_dir, data_dir, tok, dtype, config, mesh, plan, main_pr
     say("plan: " + json.dumps(dataclasses.asdict(plan)))
     core_bundle = core_metric = None
     if args.core_metric_every > 0:
-        core_bundle = core_eval.bundle_for_training(args.bundle_dir or core_eval.default_bundle_dir(), say)
+        core_bundle = bundle_for_training(args.bundle_dir, say)
 
     tx = optim.optimizer_for(config, plan.num_iterations, plan.total_batch_size, name=args.optimizer,
                              embedding_lr=args.embedding_lr, unembedding_lr=args.unembedding_lr,

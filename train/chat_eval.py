@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from nanochat_jax.common import DTYPES, resolve_dtype, run_cli, tune_malloc
-from nanochat_jax.data.dataset import home_dir
+from nanochat_jax.paths import home_dir
 from nanochat_jax.engine import Engine
 from nanochat_jax.evals.chat import BASELINES, categorical_accuracy, chatcore, generative_accuracy
 

@@ -39,7 +39,7 @@ from nanochat_jax.checkpoint import (Checkpointer, RunDirError, abstract_train_s
                                      prepare_run_dir)
 from nanochat_jax.common import resolve_dtype, tune_malloc
 from nanochat_jax.config import GPTConfig
-from nanochat_jax.data.dataset import home_dir
+from nanochat_jax.paths import home_dir
 from nanochat_jax.data.preference import PreferencePairIterDataset, parse_preference_mixture, render_pair
 from nanochat_jax.data.sft import SFTPackIterDataset, sft_lr_multiplier
 from nanochat_jax.dpo import LOSSES, check_hparams, make_dpo_step, make_logps_fn

@@ -17,7 +17,8 @@ import tiktoken
 
 from nanochat_jax.common import run_cli
 from nanochat_jax.data.dataset import iter_texts, list_shards
-from nanochat_jax.tokenizer import Tokenizer, default_tokenizer_dir
+from nanochat_jax.paths import tokenizer_dir
+from nanochat_jax.tokenizer import Tokenizer
 
 BASELINES = ("gpt2", "cl100k_base")
 
@@ -102,7 +103,7 @@ def report(texts: dict[str, str], encoders: dict) -> list[str]:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokenizer-dir", default=None, help="directory (or tokenizer.pkl) written by tok_train "
-                                                          f"(default: {default_tokenizer_dir()})")
+                                                          f"(default: {tokenizer_dir()})")
     ap.add_argument("--data-dir", default=None, help="parquet shards: adds the first train and val row groups")
     ap.add_argument("--download-timeout", type=float, default=30.0, help="seconds to wait for each baseline")
     ap.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
@@ -110,7 +111,7 @@ def main(argv=None):
     if args.download_timeout < 0:
         raise SystemExit(f"tok_eval: --download-timeout must be >= 0, got {args.download_timeout}")
     try:
-        ours = Tokenizer.load(args.tokenizer_dir or default_tokenizer_dir())
+        ours = Tokenizer.load(args.tokenizer_dir or tokenizer_dir())
         if args.data_dir:
             list_shards(args.data_dir)  # before the baseline downloads
     except (FileNotFoundError, ValueError) as e:

@@ -19,7 +19,8 @@ from collections.abc import Iterator
 
 from nanochat_jax.common import run_cli
 from nanochat_jax.data.dataset import default_data_dir, iter_texts, list_shards
-from nanochat_jax.tokenizer import MIN_VOCAB_SIZE, SPECIAL_TOKENS, Tokenizer, default_tokenizer_dir
+from nanochat_jax.paths import tokenizer_dir
+from nanochat_jax.tokenizer import MIN_VOCAB_SIZE, SPECIAL_TOKENS, Tokenizer
 
 ROUND_TRIP_TEXT = ("Hello world! The year 2024 had 366 days; café, naïve, Größe. "
                    "안녕하세요 世界 🙂\n\tdef f(x):\n\t\treturn x ** 2  # <|bos|> stays text\n")
@@ -29,7 +30,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", default=None, help="parquet shards with a `text` column (default: climbmix dir)")
     ap.add_argument("--out-dir", default=None, help="where tokenizer.pkl and token_bytes.{npy,pt} go "
-                                                    f"(default: {default_tokenizer_dir()})")
+                                                    f"(default: {tokenizer_dir()})")
     ap.add_argument("--vocab-size", type=int, default=32768, help="including 256 bytes and 9 specials")
     ap.add_argument("--max-chars", type=float, default=2e9, help="characters to train on (after doc-cap)")
     ap.add_argument("--doc-cap", type=int, default=10000, help="characters kept per document")
@@ -47,7 +48,7 @@ def main(argv=None):
         train_files, val_file = list_shards(data_dir)
     except FileNotFoundError as e:
         raise SystemExit(f"tok_train: {e}") from None
-    out_dir = args.out_dir or default_tokenizer_dir()
+    out_dir = args.out_dir or tokenizer_dir()
     try:  # the tokenizer is saved after minutes of training: an unwritable place fails now
         os.makedirs(out_dir, exist_ok=True)
         with tempfile.TemporaryFile(dir=out_dir):

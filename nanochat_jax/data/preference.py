@@ -43,12 +43,11 @@ from typing import Any, Callable, Sequence
 import grain
 import numpy as np
 
-from nanochat_jax.data.dataset import home_dir
+from nanochat_jax.paths import offline_pref_path, offline_sft_path
 from nanochat_jax.tasks.common import Task, TaskMixture
 from nanochat_jax.tasks.hub import HubTask, check_chat, field, iter_jsonl
 
 MIN_PROMPT_TOKENS = 8  # a cropped prompt keeps at least this many tokens after BOS
-OFFLINE_FILE = Path("pref_data_offline") / "chatterbot_pairs.jsonl"
 OFFLINE_SEED = 1234
 
 
@@ -213,10 +212,6 @@ class HHRLHF(HubTask):
 # ----------------------------------------------------------------------------- the offline set
 
 
-def default_offline_path() -> Path:
-    return home_dir() / OFFLINE_FILE
-
-
 def build_offline_pairs(conversations: Sequence[dict], seed: int = OFFLINE_SEED) -> list[dict]:
     """One pair per conversation: prompt = every turn but the last, chosen = the corpus's own last
     reply, rejected = the last reply of another conversation drawn at random (seeded) among those
@@ -245,11 +240,11 @@ def build_offline_pair_file(out_path: str | os.PathLike | None = None, sft_path:
                             seed: int = OFFLINE_SEED) -> dict:
     """Write build_offline_pairs of the offline SFT set (chatterbot-corpus, built if missing) as JSONL,
     in the SFT file's order, so `chatterbot-pairs[a:b]` has the prompts of `chatterbot[a:b]`."""
-    from nanochat_jax.data.corpus import build_sft_set, default_sft_path
+    from nanochat_jax.data.corpus import build_sft_set
     from nanochat_jax.tasks.customjson import CustomJSON
 
-    out_path = Path(out_path) if out_path is not None else default_offline_path()
-    sft_path = Path(sft_path) if sft_path is not None else default_sft_path()
+    out_path = Path(out_path) if out_path is not None else offline_pref_path()
+    sft_path = Path(sft_path) if sft_path is not None else offline_sft_path()
     if not sft_path.is_file():
         build_sft_set(sft_path)
     convs = list(CustomJSON(sft_path))
@@ -264,7 +259,7 @@ def build_offline_pair_file(out_path: str | os.PathLike | None = None, sft_path:
 
 
 def _offline_task() -> Task:
-    path = default_offline_path()
+    path = offline_pref_path()
     if not path.is_file():
         build_offline_pair_file(path)
     return TaskMixture([PreferenceJSONL(path)])  # the same shuffle as the `chatterbot` SFT task
@@ -440,7 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m nanochat_jax.data.preference",
                                  description="Write the offline preference pairs (chatterbot-corpus) as JSONL.")
     ap.add_argument("command", choices=["offline"])
-    ap.add_argument("--out", default=None, help="default: $NANOCHAT_JAX_HOME/" + str(OFFLINE_FILE))
+    ap.add_argument("--out", default=None, help="default: $NANOCHAT_JAX_HOME/pref_data_offline/chatterbot_pairs.jsonl")
     ap.add_argument("--sft-file", default=None, help="the offline SFT JSONL (default: built if missing)")
     ap.add_argument("--seed", type=int, default=OFFLINE_SEED)
     args = ap.parse_args(argv)

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from nanochat_jax import model
 from nanochat_jax.common import resolve_dtype
 from nanochat_jax.config import GPTConfig
-from nanochat_jax.evals.core import bucket_length
+from nanochat_jax.evals.core import seq_bucket
 from nanochat_jax.tasks.common import Task
 
 # ChatCORE's chance levels: four-way multiple choice, and 0 for open answers.
@@ -53,7 +53,7 @@ def categorical_accuracy(params, config: GPTConfig, tokenizer, task: Task, *, ba
         convs = [task[i] for i in range(lo, min(lo + batch_size, n))]
         # a prompt longer than the context keeps its end (the question's tail and the answer slot)
         prompts = [tokenizer.render_for_completion(c)[-config.sequence_len:] for c in convs]
-        T = min(bucket_length(max(map(len, prompts))), config.sequence_len)  # CORE's few shapes
+        T = min(seq_bucket(max(map(len, prompts))), config.sequence_len)  # CORE's few shapes
         rows = np.full((batch_size, T), tokenizer.bos_token_id, np.int32)  # a fixed batch size: one compile
         for r, p in enumerate(prompts):
             rows[r, :len(p)] = p

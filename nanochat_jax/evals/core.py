@@ -17,28 +17,17 @@ are rounded to a few bucket sizes (multiples of 128), so one jitted function (pe
 CE and argmax-correctness) compiles only a handful of shapes. Processes stride over the
 examples of a task and their per-example results are summed across processes.
 
-The eval bundle (eval_bundle.zip) holds core.yaml, eval_meta_data.csv and eval_data/*.jsonl.
-A directory with only eval_data/ also works: the built-in table of the 22 tasks (settings and
-random baselines) stands in for core.yaml and the csv. Tasks whose file is missing are skipped
-and CORE is the mean over the tasks present (the count is stated).
+The task table, the eval bundle and its download live in evals/core_tasks.py.
 """
 
 from __future__ import annotations
 
 import collections.abc
-import csv
 import functools
-import json
 import math
-import os
 import random
-import shutil
 import sys
 import time
-import urllib.error
-import urllib.request
-import uuid
-import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,150 +38,13 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
-BUNDLE_DIRNAME = "eval_bundle"
-CONFIG_NAME = "core.yaml"
-META_NAME = "eval_meta_data.csv"
-DATA_DIRNAME = "eval_data"
-TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
+from nanochat_jax.evals.core_tasks import (DATA_DIRNAME, LM, MC, SCHEMA, Bundle, CoreDataError, TaskSpec,
+                                           load_task_file)
+
 SHUFFLE_SEED = 1337
 FEWSHOT_SEED = 1234
 SEQ_MULTIPLE = 128  # bucket lengths are multiples of this (splash attention needs 128)
 CHUNK_EXAMPLES = 256  # examples tokenized and scored together (bounds host memory on big tasks)
-CHUNK_BYTES = 1 << 20
-
-# field name -> type, per task type, as in the eval bundle's jsonl files
-FIELDS = {
-    "multiple_choice": {"query": str, "choices": list, "gold": int},
-    "schema": {"context_options": list, "continuation": str, "gold": int},
-    "language_modeling": {"context": str, "continuation": str},
-}
-
-
-class CoreDataError(ValueError):
-    """A task file, core.yaml or eval_meta_data.csv is malformed, or an example cannot be scored."""
-
-
-class BundleDownloadError(RuntimeError):
-    """The eval bundle could not be fetched and validated within its attempts."""
-
-
-# ---- tasks ------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """One CORE task: its settings (core.yaml) and random baseline in percent (eval_meta_data.csv)."""
-
-    label: str
-    task_type: str
-    dataset_uri: str  # relative to eval_data/
-    num_fewshot: int
-    continuation_delimiter: str = " "
-    random_baseline: float = 0.0
-
-    def __post_init__(self):
-        if self.task_type not in TASK_TYPES:
-            raise CoreDataError(f"task {self.label!r}: icl_task_type {self.task_type!r} is not one of {TASK_TYPES}")
-        if isinstance(self.num_fewshot, bool) or not isinstance(self.num_fewshot, int) or self.num_fewshot < 0:
-            raise CoreDataError(f"task {self.label!r}: num_fewshot must be an int >= 0, got {self.num_fewshot!r}")
-        if not isinstance(self.continuation_delimiter, str):
-            raise CoreDataError(f"task {self.label!r}: continuation_delimiter must be a string, "
-                                f"got {self.continuation_delimiter!r}")
-        if not 0 <= self.random_baseline < 100:
-            raise CoreDataError(f"task {self.label!r}: random baseline {self.random_baseline} is not a percentage "
-                                "in [0, 100)")
-
-    def centered(self, accuracy: float) -> float:
-        b = 0.01 * self.random_baseline
-        return (accuracy - b) / (1.0 - b)
-
-
-def _t(label, task_type, uri, k, delim, baseline):
-    return TaskSpec(label, task_type, uri, k, delim, baseline)
-
-
-MC, SCHEMA, LM = TASK_TYPES
-ANSWER = "\nAnswer: "
-# nanochat's core.yaml (DCLM heavy.yaml) and DCLM eval_meta_data.csv; used when the bundle
-# directory lacks core.yaml / the csv (a bundle is core.yaml + eval_meta_data.csv + eval_data/).
-BUILTIN_TASKS = (
-    _t("hellaswag_zeroshot", MC, "language_understanding/hellaswag.jsonl", 0, " ", 25),
-    _t("jeopardy", LM, "world_knowledge/jeopardy_all.jsonl", 10, ANSWER, 0),
-    _t("bigbench_qa_wikidata", LM, "world_knowledge/bigbench_qa_wikidata.jsonl", 10, " ", 0),
-    _t("arc_easy", MC, "world_knowledge/arc_easy.jsonl", 10, ANSWER, 25),
-    _t("arc_challenge", MC, "world_knowledge/arc_challenge.jsonl", 10, ANSWER, 25),
-    _t("copa", MC, "commonsense_reasoning/copa.jsonl", 0, " ", 50),
-    _t("commonsense_qa", MC, "commonsense_reasoning/commonsense_qa.jsonl", 10, " ", 20),
-    _t("piqa", MC, "commonsense_reasoning/piqa.jsonl", 10, ANSWER, 50),
-    _t("openbook_qa", MC, "commonsense_reasoning/openbook_qa.jsonl", 0, " ", 25),
-    _t("lambada_openai", LM, "language_understanding/lambada_openai.jsonl", 0, " ", 0),
-    _t("hellaswag", MC, "language_understanding/hellaswag.jsonl", 10, " ", 25),
-    _t("winograd", SCHEMA, "language_understanding/winograd_wsc.jsonl", 0, " ", 50),
-    _t("winogrande", SCHEMA, "language_understanding/winogrande.jsonl", 0, " ", 50),
-    _t("bigbench_dyck_languages", LM, "symbolic_problem_solving/bigbench_dyck_languages.jsonl", 10, " ", 0),
-    _t("agi_eval_lsat_ar", MC, "symbolic_problem_solving/agi_eval_lsat_ar.jsonl", 3, " ", 20),
-    _t("bigbench_cs_algorithms", LM, "symbolic_problem_solving/bigbench_cs_algorithms.jsonl", 10, " ", 0),
-    _t("bigbench_operators", LM, "symbolic_problem_solving/bigbench_operators.jsonl", 10, " ", 0),
-    _t("bigbench_repeat_copy_logic", LM, "symbolic_problem_solving/bigbench_repeat_copy_logic.jsonl", 10, " ", 0),
-    _t("squad", LM, "reading_comprehension/squad.jsonl", 10, " ", 0),
-    _t("coqa", LM, "reading_comprehension/coqa.jsonl", 0, " ", 0),
-    _t("boolq", MC, "reading_comprehension/boolq.jsonl", 10, ANSWER, 62),
-    _t("bigbench_language_identification", MC, "language_understanding/bigbench_language_identification.jsonl",
-       10, " ", 9.1),
-)
-BUILTIN_BASELINES = {t.label: t.random_baseline for t in BUILTIN_TASKS}
-
-
-# ---- task data ----------------------------------------------------------------------------------
-
-def _check_item(item, task_type: str, where: str) -> None:
-    if not isinstance(item, dict):
-        raise CoreDataError(f"{where}: expected a JSON object, got {type(item).__name__}")
-    for name, kind in FIELDS[task_type].items():
-        if name not in item:
-            raise CoreDataError(f"{where}: missing field {name!r} (a {task_type} example needs "
-                                f"{sorted(FIELDS[task_type])})")
-        value = item[name]
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise CoreDataError(f"{where}: field {name!r} must be a {kind.__name__}, got {type(value).__name__} "
-                                f"{value!r:.80}")
-    options = item.get("choices" if task_type == MC else "context_options")
-    if options is not None:
-        name = "choices" if task_type == MC else "context_options"
-        if not options:
-            raise CoreDataError(f"{where}: {name!r} is empty")
-        bad = [i for i, o in enumerate(options) if not isinstance(o, str)]
-        if bad:
-            raise CoreDataError(f"{where}: {name!r}[{bad[0]}] must be a string, got {type(options[bad[0]]).__name__}")
-        if not 0 <= item["gold"] < len(options):
-            raise CoreDataError(f"{where}: gold {item['gold']} is out of range for {len(options)} {name}")
-
-
-def load_task_file(path, task_type: str) -> tuple[list[dict], list[int]]:
-    """(examples, their 1-based line numbers) of a jsonl task file, each example checked for its type.
-
-    Blank lines are skipped; any other line that is not a valid example is an error naming
-    the file and the line.
-    """
-    path = Path(path)
-    if task_type not in TASK_TYPES:
-        raise CoreDataError(f"unknown task type {task_type!r}; expected one of {TASK_TYPES}")
-    items, lines = [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {lineno}"
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CoreDataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            _check_item(item, task_type, where)
-            items.append(item)
-            lines.append(lineno)
-    if not items:
-        raise CoreDataError(f"{path}: no examples")
-    return items, lines
 
 
 def shuffle_and_truncate(items: list, max_per_task: int = -1, *others: list) -> list | tuple[list, ...]:
@@ -386,7 +238,7 @@ def model_scorer(params, config, *, dtype=None, backend=None, mesh: Mesh | None 
                   put=lambda x: jax.device_put(x, sh))
 
 
-def bucket_length(n: int, multiple: int = SEQ_MULTIPLE) -> int:
+def seq_bucket(n: int, multiple: int = SEQ_MULTIPLE) -> int:
     """n rounded up to multiple·{1, 2, 3, 4, 6, 8, 12, 16, ...}: few shapes, at most 50% padding."""
     k = max(1, -(-n // multiple))
     if k <= 2:
@@ -417,7 +269,7 @@ def plan_batches(lengths: Sequence[int], batch_tokens: int, row_multiple: int = 
     """
     buckets: dict[int, list[int]] = {}
     for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
-        buckets.setdefault(bucket_length(lengths[i], seq_multiple), []).append(i)
+        buckets.setdefault(seq_bucket(lengths[i], seq_multiple), []).append(i)
     plan = []
     for T, rows in sorted(buckets.items()):
         full = rows_per_batch(T, batch_tokens, row_multiple)
@@ -513,118 +365,6 @@ def evaluate_task(scorer: Scorer, tokenizer, data: Sequence[dict], spec: TaskSpe
     return TaskResult(float(correct.mean()), correct, mean_losses)
 
 
-# ---- the bundle -------------------------------------------------------------------------------------
-
-def default_bundle_dir() -> Path:
-    from nanochat_jax.data.dataset import home_dir
-
-    return home_dir() / BUNDLE_DIRNAME
-
-
-@dataclass
-class Bundle:
-    directory: Path
-    tasks: list[TaskSpec]  # with a data file present, in core.yaml order
-    missing: list[TaskSpec]  # without one
-    source: str  # where the task settings came from
-
-    @property
-    def total(self) -> int:
-        return len(self.tasks) + len(self.missing)
-
-    def data_path(self, spec: TaskSpec) -> Path:
-        return self.directory / DATA_DIRNAME / spec.dataset_uri
-
-    def select(self, labels: Sequence[str]) -> Bundle:
-        """The same bundle restricted to `labels` (present ones; unknown labels are an error)."""
-        known = {t.label for t in self.tasks + self.missing}
-        unknown = sorted(set(labels) - known)
-        if unknown:
-            raise CoreDataError(f"unknown task(s) {unknown}; the bundle has {sorted(known)}")
-        keep = set(labels)
-        return Bundle(self.directory, [t for t in self.tasks if t.label in keep],
-                      [t for t in self.missing if t.label in keep], self.source)
-
-
-def _read_baselines(path: Path) -> dict[str, float]:
-    out = {}
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        cols = reader.fieldnames or []
-        for col in ("Eval Task", "Random baseline"):
-            if col not in cols:
-                raise CoreDataError(f"{path}: no {col!r} column (columns: {cols})")
-        for lineno, row in enumerate(reader, 2):
-            try:
-                out[row["Eval Task"].strip()] = float(row["Random baseline"])
-            except (TypeError, ValueError):
-                raise CoreDataError(f"{path}, line {lineno}: random baseline {row['Random baseline']!r} "
-                                    "is not a number") from None
-    return out
-
-
-def _read_core_yaml(path: Path, baselines: dict[str, float]) -> list[TaskSpec]:
-    import yaml
-
-    try:
-        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise CoreDataError(f"{path}: invalid YAML ({e})") from None
-    tasks = cfg.get("icl_tasks") if isinstance(cfg, dict) else None
-    if not isinstance(tasks, list) or not tasks:
-        raise CoreDataError(f"{path}: expected a non-empty 'icl_tasks' list")
-    specs = []
-    for i, t in enumerate(tasks):
-        label = t.get("label") if isinstance(t, dict) else None
-        what = f"{path}: icl_tasks[{i}]" + (f" ({label})" if label else "")
-        if not isinstance(t, dict):
-            raise CoreDataError(f"{what}: expected a mapping")
-        for key in ("label", "icl_task_type", "dataset_uri", "num_fewshot"):
-            if key not in t:
-                raise CoreDataError(f"{what}: missing {key!r}")
-        k = t["num_fewshot"]
-        if isinstance(k, list):
-            if not k:
-                raise CoreDataError(f"{what}: num_fewshot is an empty list")
-            k = k[0]
-        if label not in baselines:
-            raise CoreDataError(f"{what}: no random baseline for {label!r} in {META_NAME} or the built-in table")
-        try:
-            specs.append(TaskSpec(str(label), t["icl_task_type"], str(t["dataset_uri"]), k,
-                                  t.get("continuation_delimiter", " "), baselines[label]))
-        except CoreDataError as e:
-            raise CoreDataError(f"{what}: {e}") from None
-    return specs
-
-
-def load_bundle(directory=None) -> Bundle:
-    """Read an eval bundle directory: core.yaml + eval_meta_data.csv + eval_data/*.jsonl.
-
-    Without core.yaml the built-in 22-task table is used; without the csv, built-in
-    baselines. Tasks whose jsonl is absent go to `missing`.
-    """
-    d = Path(directory) if directory is not None else default_bundle_dir()
-    if not (d / DATA_DIRNAME).is_dir():
-        raise FileNotFoundError(f"no CORE eval bundle at {d} (expected {d / DATA_DIRNAME}/); download it with "
-                                f"`python -m train.base_eval --download --bundle-dir {d}` "
-                                f"(from {EVAL_BUNDLE_URL})")
-    baselines = dict(BUILTIN_BASELINES)
-    sources = []
-    if (d / META_NAME).is_file():
-        baselines.update(_read_baselines(d / META_NAME))
-        sources.append(META_NAME)
-    if (d / CONFIG_NAME).is_file():
-        specs = _read_core_yaml(d / CONFIG_NAME, baselines)
-        sources.insert(0, CONFIG_NAME)
-    else:
-        specs = [TaskSpec(t.label, t.task_type, t.dataset_uri, t.num_fewshot, t.continuation_delimiter,
-                          baselines[t.label]) for t in BUILTIN_TASKS]
-        sources.insert(0, "built-in task table")
-    present = [s for s in specs if (d / DATA_DIRNAME / s.dataset_uri).is_file()]
-    missing = [s for s in specs if s not in present]
-    return Bundle(d, present, missing, " + ".join(sources))
-
-
 def evaluate_core(scorer: Scorer, tokenizer, bundle: Bundle, *, max_per_task: int = -1, batch_tokens: int = 16384,
                   process_index: int | None = None, process_count: int | None = None, progress: bool = True,
                   log: Callable[[str], None] = print) -> dict:
@@ -667,121 +407,3 @@ def write_results_csv(path, out: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: f.write(("\n".join(lines) + "\n").encode("utf-8")))
     return path
-
-
-# ---- download ---------------------------------------------------------------------------------------
-
-def _is_complete(d: Path) -> bool:
-    return (d / CONFIG_NAME).is_file() and (d / DATA_DIRNAME).is_dir()
-
-
-def _bundle_root(zf: zipfile.ZipFile) -> str:
-    """The member prefix ('' or 'name/') under which core.yaml and eval_data/ sit."""
-    names = zf.namelist()
-    for name in sorted(names, key=len):
-        if name == CONFIG_NAME or (name.endswith("/" + CONFIG_NAME) and name.count("/") == 1):
-            prefix = name[: -len(CONFIG_NAME)]
-            if any(n.startswith(prefix + DATA_DIRNAME + "/") for n in names):
-                return prefix
-    raise BundleDownloadError(f"the zip has no {CONFIG_NAME} with an {DATA_DIRNAME}/ beside it "
-                              f"(at the top or in one top-level folder)")
-
-
-def _fetch_zip(url: str, path: Path, timeout: float, progress: bool) -> None:
-    with urllib.request.urlopen(url, timeout=timeout) as resp, open(path, "wb") as f:
-        if resp.status != 200:
-            raise BundleDownloadError(f"HTTP {resp.status} (expected 200)")
-        expected = resp.headers.get("Content-Length")
-        received = 0
-        with tqdm(total=int(expected) if expected else None, unit="B", unit_scale=True, disable=not progress,
-                  desc="eval_bundle.zip", file=sys.stderr) as bar:
-            while chunk := resp.read(CHUNK_BYTES):
-                f.write(chunk)
-                received += len(chunk)
-                bar.update(len(chunk))
-        if expected is not None and int(expected) != received:
-            raise BundleDownloadError(f"connection dropped: got {received} of {expected} bytes")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _install(zip_path: Path, dest: Path) -> None:
-    """Check the zip, extract it next to dest, check the result, then rename it into place."""
-    try:
-        with zipfile.ZipFile(zip_path) as zf:
-            bad = zf.testzip()
-            if bad is not None:
-                raise BundleDownloadError(f"corrupt member {bad!r} in the zip (CRC mismatch)")
-            prefix = _bundle_root(zf)
-            tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.extract")
-            try:
-                zf.extractall(tmp)
-                root = tmp / prefix if prefix else tmp
-                load_bundle(root)  # core.yaml and the csv parse
-                try:
-                    os.replace(root, dest)
-                except OSError:
-                    if not _is_complete(dest):  # not a concurrent download that finished first
-                        raise
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-    except zipfile.BadZipFile as e:
-        raise BundleDownloadError(f"not a valid zip file ({e})") from None
-
-
-def _retryable(exc: Exception) -> bool:
-    if isinstance(exc, urllib.error.HTTPError):
-        return exc.code >= 500 or exc.code in (408, 429)
-    return not isinstance(exc, CoreDataError)
-
-
-def download_bundle(dest=None, url: str = EVAL_BUNDLE_URL, *, retries: int = 5, backoff: float = 2.0,
-                    timeout: float = 60, progress: bool = True, sleep: Callable[[float], None] = time.sleep) -> Path:
-    """Fetch eval_bundle.zip and unpack it to `dest` (default $NANOCHAT_JAX_HOME/eval_bundle).
-
-    The zip streams to a temp file, is checked (a valid zip, CRCs, core.yaml and eval_data/
-    present and readable), is extracted to a temp directory next to dest, and only then is
-    renamed to dest, so an interrupted download never leaves a directory that reads as a
-    bundle. A complete bundle already at dest is kept. Retries with backoff**attempt sleeps.
-    """
-    dest = Path(dest) if dest is not None else default_bundle_dir()
-    if _is_complete(dest):
-        return dest
-    if dest.exists():
-        raise BundleDownloadError(f"{dest} exists but is not a complete eval bundle (no {CONFIG_NAME}); "
-                                  "move it away or choose another bundle directory")
-    if retries < 1:
-        raise ValueError(f"retries must be >= 1, got {retries}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    now = time.time()
-    for stale in dest.parent.glob(f".{dest.name}.*"):  # leftovers of a crashed attempt, an hour old
-        if now - stale.stat().st_mtime > 3600:
-            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
-    attempt = 1
-    while True:
-        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.zip.tmp")
-        try:
-            _fetch_zip(url, tmp, timeout, progress)
-            _install(tmp, dest)
-            return dest
-        except Exception as exc:
-            if attempt >= retries or not _retryable(exc):
-                raise BundleDownloadError(f"eval bundle: failed after {attempt} attempt(s) from {url}: {exc}") from exc
-        finally:
-            tmp.unlink(missing_ok=True)
-        sleep(backoff ** attempt)
-        attempt += 1
-
-
-def bundle_for_training(directory, log: Callable[[str], None] = print) -> Bundle | None:
-    """The bundle for in-training CORE, or None (after one clear notice) when there is none."""
-    try:
-        bundle = load_bundle(directory)
-    except FileNotFoundError as e:
-        log(f"note: CORE is skipped: {e}")
-        return None
-    if not bundle.tasks:
-        log(f"note: CORE is skipped: no task files under {bundle.directory / DATA_DIRNAME}")
-        return None
-    log(f"CORE: {len(bundle.tasks)}/{bundle.total} tasks from {bundle.directory} ({bundle.source})")
-    return bundle

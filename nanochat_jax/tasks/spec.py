@@ -51,10 +51,11 @@ def _factories(data_dir=None) -> dict[str, Callable[..., Task]]:
 
 
 def _chatterbot() -> Task:
-    from nanochat_jax.data.corpus import build_sft_set, default_sft_path
+    from nanochat_jax.data.corpus import build_sft_set
+    from nanochat_jax.paths import offline_sft_path
     from nanochat_jax.tasks.customjson import CustomJSON
 
-    path = default_sft_path()
+    path = offline_sft_path()
     if not path.is_file():
         build_sft_set(path)
     return TaskMixture([CustomJSON(path)])  # the file is grouped by topic: shuffle before any slicing
