@@ -58,34 +58,6 @@ def estimate_flops(config: GPTConfig) -> int:
     return 6 * num_matmul_params(config) + attn
 
 
-def estimate_decode_flops(config: GPTConfig, ctx: int) -> int:
-    """Forward FLOPs for one decoded token that sees `ctx` cached positions."""
-    attn = sum(4 * _attn_width(config) * min(ctx, w) for w in config.window_sizes)
-    return 2 * num_matmul_params(config) + attn
-
-
-def _attended_pairs(n: int, window: int) -> int:
-    """(query, key) pairs in an n-token causal prefill with left window `window` (the A of the prefill FLOPs)."""
-    w = min(window, n)
-    return w * (w + 1) // 2 + (n - w) * w
-
-
-def estimate_prefill_flops(config: GPTConfig, n: int) -> int:
-    """Forward FLOPs for prefilling n tokens at once (matmuls scale with n, attention with pairs)."""
-    attn = sum(4 * _attn_width(config) * _attended_pairs(n, w) for w in config.window_sizes)
-    return 2 * num_matmul_params(config) * n + attn
-
-
-def kv_bytes_per_token(config: GPTConfig, dtype_bytes: int = 2) -> int:
-    """KV-cache bytes stored per token (k and v, every layer); the cache lives in the compute dtype."""
-    return config.n_layer * 2 * config.kv_dim * dtype_bytes
-
-
-def kv_read_bytes(config: GPTConfig, ctx: int, dtype_bytes: int = 2) -> int:
-    """KV-cache bytes one decode step reads at context `ctx` (windowed layers read at most `window`)."""
-    return sum(2 * config.kv_dim * dtype_bytes * min(ctx, w) for w in config.window_sizes)
-
-
 def summary(config: GPTConfig) -> str:
     """A small table of parameter groups and FLOPs/token, for logs and the CLI."""
     p = num_scaling_params(config)

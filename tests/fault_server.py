@@ -6,8 +6,10 @@ any path (`queue`):
   overlong  the whole body but a Content-Length 100 bytes larger
   corrupt   `garbage` bytes (not the file) with a correct Content-Length
   partial   status 206 with the valid body
+  cut:N     the first N bytes of the body, then close
   500 / 404 that status
-hits counts requests per key (the path, or what `key` makes of it).
+hits counts requests per key (the path, or what `key` makes of it); `ranges` lists each request's
+Range header (None without one); with `honour_range`, `Range: bytes=N-` gets a 206 from byte N.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ class FaultServer:
         self.hits = Counter()
         self.faults: dict[str, list] = {}  # key -> [kind, remaining requests or None for always]
         self.queue: list[str] = []  # one-shot faults for whatever is requested next
+        self.honour_range = False
+        self.ranges: list[str | None] = []
         self.delay = 0.0  # seconds each request waits (to make concurrent callers overlap)
         self.barrier: threading.Barrier | None = None  # every request waits until barrier.parties are in flight
         self.lock = threading.Lock()
@@ -60,6 +64,8 @@ class FaultServer:
 
             def do_GET(self):
                 fault = server._take(server.key(self.path))
+                rng = self.headers.get("Range")
+                server.ranges.append(rng)
                 if server.delay:
                     time.sleep(server.delay)
                 if server.barrier is not None:
@@ -74,11 +80,15 @@ class FaultServer:
                     return self.send_error(500)
                 if fault == "corrupt":
                     body = server.garbage
-                declared = len(body) + (100 if fault == "overlong" else 0)
-                self.send_response(206 if fault == "partial" else 200)
+                start = int(rng[len("bytes="):-1]) if rng and server.honour_range else 0
+                declared = len(body) - start + (100 if fault == "overlong" else 0)
+                self.send_response(206 if fault == "partial" or start else 200)
+                if start:
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
                 self.send_header("Content-Length", str(declared))
                 self.end_headers()
-                self.wfile.write(body[: len(body) // 2] if fault == "drop" else body)
+                cut = len(body) // 2 if fault == "drop" else int(fault[4:]) if fault and fault.startswith("cut:") else None
+                self.wfile.write(body[start:][:cut])
 
         return Handler
 

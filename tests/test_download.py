@@ -1,56 +1,21 @@
 """The one downloader's guarantees against a 127.0.0.1 server that honours Range and can cut transfers short."""
 
 import hashlib
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from fault_server import FaultServer
 
 from nanochat_jax.download import DownloadError, download
 
 BODY = bytes(range(256)) * 400  # 100 KiB
 
 
-class RangeServer:
-    """Serves BODY at /f; honours `Range: bytes=N-` when `ranges` is set; `cuts` lists, per request,
-    how many body bytes to send before closing (None: all of them)."""
+class RangeServer(FaultServer):
+    """BODY at /f, resumable from any byte unless `ranges=False`; srv.queue = ["cut:N", ...] cuts transfers."""
 
     def __init__(self, ranges: bool = True):
-        self.ranges, self.cuts, self.requests = ranges, [], []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                if self.path != "/f":
-                    return self.send_error(404, "Not Found")
-                rng = self.headers.get("Range")
-                server.requests.append(rng)
-                cut = server.cuts.pop(0) if server.cuts else None
-                start = int(rng[len("bytes="):-1]) if rng and server.ranges else 0
-                body = BODY[start:]
-                self.send_response(206 if start else 200)
-                if start:
-                    self.send_header("Content-Range", f"bytes {start}-{len(BODY) - 1}/{len(BODY)}")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body if cut is None else body[:cut])
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/f"
-
-    def __enter__(self):
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.01,), daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join()
+        super().__init__()
+        self.routes, self.honour_range, self.url = {"/f": BODY}, ranges, f"{self.base}/f"
 
 
 @pytest.fixture(autouse=True)
@@ -66,20 +31,20 @@ def fetch(srv, path, sleeps, **kw):
 def test_interrupted_transfer_resumes_with_range(tmp_path):
     sleeps = []
     with RangeServer() as srv:
-        srv.cuts = [30_000, 20_000]
+        srv.queue = ["cut:30000", "cut:20000"]
         assert fetch(srv, tmp_path / "f", sleeps, sha256=hashlib.sha256(BODY).hexdigest()) == tmp_path / "f"
     assert (tmp_path / "f").read_bytes() == BODY
-    assert srv.requests == [None, "bytes=30000-", "bytes=50000-"]
+    assert srv.ranges == [None, "bytes=30000-", "bytes=50000-"]
     assert sleeps == [2.0, 4.0]
     assert [p.name for p in tmp_path.iterdir()] == ["f"]
 
 
 def test_server_without_range_support_restarts(tmp_path):
     with RangeServer(ranges=False) as srv:
-        srv.cuts = [30_000]
+        srv.queue = ["cut:30000"]
         fetch(srv, tmp_path / "f", [], size=len(BODY))
     assert (tmp_path / "f").read_bytes() == BODY
-    assert srv.requests == [None, "bytes=30000-"]  # asked to resume, got the whole file, started over
+    assert srv.ranges == [None, "bytes=30000-"]  # asked to resume, got the whole file, started over
 
 
 def test_never_a_partial_file_at_the_final_path(tmp_path):
@@ -89,7 +54,7 @@ def test_never_a_partial_file_at_the_final_path(tmp_path):
         seen.append(((tmp_path / "f").exists(), tmp.stat().st_size))
 
     with RangeServer() as srv:
-        srv.cuts = [10_000] * 3
+        srv.queue = ["cut:10000"] * 3
         with pytest.raises(DownloadError, match=r"^f: failed after 3 attempt\(s\) from http://127\.0\.0\.1:\d+/f: "
                                                 r"connection dropped: got 30000 of 102400 bytes$"):
             fetch(srv, tmp_path / "f", [], retries=3, check=check)
@@ -103,7 +68,7 @@ def test_bad_checksum_or_check_is_retried_then_leaves_no_file(tmp_path):
     with RangeServer() as srv:
         with pytest.raises(DownloadError, match=r"2 attempt.*sha256 [0-9a-f]{64}, expected 00"):
             fetch(srv, tmp_path / "f", sleeps, retries=2, backoff=3.0, sha256="00" * 32)
-        assert srv.requests == [None, None]  # a wrong complete file is fetched again from the start
+        assert srv.ranges == [None, None]  # a wrong complete file is fetched again from the start
         assert sleeps == [3.0] and list(tmp_path.iterdir()) == []
         with pytest.raises(DownloadError, match=r"1 attempt.*size 102400 bytes, expected 5"):
             fetch(srv, tmp_path / "f", [], retries=1, size=5)

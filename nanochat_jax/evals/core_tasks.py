@@ -70,39 +70,38 @@ class TaskSpec:
         return (accuracy - b) / (1.0 - b)
 
 
-def _t(label, task_type, uri, k, delim, baseline):
-    return TaskSpec(label, task_type, uri, k, delim, baseline)
-
-
 MC, SCHEMA, LM = TASK_TYPES
 ANSWER = "\nAnswer: "
 # nanochat's core.yaml (DCLM heavy.yaml) and DCLM eval_meta_data.csv; used when the bundle
 # directory lacks core.yaml / the csv (a bundle is core.yaml + eval_meta_data.csv + eval_data/).
-BUILTIN_TASKS = (
-    _t("hellaswag_zeroshot", MC, "language_understanding/hellaswag.jsonl", 0, " ", 25),
-    _t("jeopardy", LM, "world_knowledge/jeopardy_all.jsonl", 10, ANSWER, 0),
-    _t("bigbench_qa_wikidata", LM, "world_knowledge/bigbench_qa_wikidata.jsonl", 10, " ", 0),
-    _t("arc_easy", MC, "world_knowledge/arc_easy.jsonl", 10, ANSWER, 25),
-    _t("arc_challenge", MC, "world_knowledge/arc_challenge.jsonl", 10, ANSWER, 25),
-    _t("copa", MC, "commonsense_reasoning/copa.jsonl", 0, " ", 50),
-    _t("commonsense_qa", MC, "commonsense_reasoning/commonsense_qa.jsonl", 10, " ", 20),
-    _t("piqa", MC, "commonsense_reasoning/piqa.jsonl", 10, ANSWER, 50),
-    _t("openbook_qa", MC, "commonsense_reasoning/openbook_qa.jsonl", 0, " ", 25),
-    _t("lambada_openai", LM, "language_understanding/lambada_openai.jsonl", 0, " ", 0),
-    _t("hellaswag", MC, "language_understanding/hellaswag.jsonl", 10, " ", 25),
-    _t("winograd", SCHEMA, "language_understanding/winograd_wsc.jsonl", 0, " ", 50),
-    _t("winogrande", SCHEMA, "language_understanding/winogrande.jsonl", 0, " ", 50),
-    _t("bigbench_dyck_languages", LM, "symbolic_problem_solving/bigbench_dyck_languages.jsonl", 10, " ", 0),
-    _t("agi_eval_lsat_ar", MC, "symbolic_problem_solving/agi_eval_lsat_ar.jsonl", 3, " ", 20),
-    _t("bigbench_cs_algorithms", LM, "symbolic_problem_solving/bigbench_cs_algorithms.jsonl", 10, " ", 0),
-    _t("bigbench_operators", LM, "symbolic_problem_solving/bigbench_operators.jsonl", 10, " ", 0),
-    _t("bigbench_repeat_copy_logic", LM, "symbolic_problem_solving/bigbench_repeat_copy_logic.jsonl", 10, " ", 0),
-    _t("squad", LM, "reading_comprehension/squad.jsonl", 10, " ", 0),
-    _t("coqa", LM, "reading_comprehension/coqa.jsonl", 0, " ", 0),
-    _t("boolq", MC, "reading_comprehension/boolq.jsonl", 10, ANSWER, 62),
-    _t("bigbench_language_identification", MC, "language_understanding/bigbench_language_identification.jsonl",
-       10, " ", 9.1),
-)
+# Columns: label, type, file under eval_data/, few-shot K, delimiter (_ is " "), random baseline %.
+_TABLE = """
+hellaswag_zeroshot                mc  language_understanding/hellaswag.jsonl                   0  _       25
+jeopardy                          lm  world_knowledge/jeopardy_all.jsonl                      10  Answer   0
+bigbench_qa_wikidata              lm  world_knowledge/bigbench_qa_wikidata.jsonl              10  _        0
+arc_easy                          mc  world_knowledge/arc_easy.jsonl                          10  Answer  25
+arc_challenge                     mc  world_knowledge/arc_challenge.jsonl                     10  Answer  25
+copa                              mc  commonsense_reasoning/copa.jsonl                         0  _       50
+commonsense_qa                    mc  commonsense_reasoning/commonsense_qa.jsonl              10  _       20
+piqa                              mc  commonsense_reasoning/piqa.jsonl                        10  Answer  50
+openbook_qa                       mc  commonsense_reasoning/openbook_qa.jsonl                  0  _       25
+lambada_openai                    lm  language_understanding/lambada_openai.jsonl              0  _        0
+hellaswag                         mc  language_understanding/hellaswag.jsonl                  10  _       25
+winograd                          schema  language_understanding/winograd_wsc.jsonl            0  _       50
+winogrande                        schema  language_understanding/winogrande.jsonl              0  _       50
+bigbench_dyck_languages           lm  symbolic_problem_solving/bigbench_dyck_languages.jsonl  10  _        0
+agi_eval_lsat_ar                  mc  symbolic_problem_solving/agi_eval_lsat_ar.jsonl          3  _       20
+bigbench_cs_algorithms            lm  symbolic_problem_solving/bigbench_cs_algorithms.jsonl   10  _        0
+bigbench_operators                lm  symbolic_problem_solving/bigbench_operators.jsonl       10  _        0
+bigbench_repeat_copy_logic        lm  symbolic_problem_solving/bigbench_repeat_copy_logic.jsonl 10 _       0
+squad                             lm  reading_comprehension/squad.jsonl                       10  _        0
+coqa                              lm  reading_comprehension/coqa.jsonl                         0  _        0
+boolq                             mc  reading_comprehension/boolq.jsonl                       10  Answer  62
+bigbench_language_identification  mc  language_understanding/bigbench_language_identification.jsonl 10 _  9.1
+"""
+_KINDS, _DELIMS = {"mc": MC, "schema": SCHEMA, "lm": LM}, {"_": " ", "Answer": ANSWER}
+BUILTIN_TASKS = tuple(TaskSpec(label, _KINDS[kind], uri, int(k), _DELIMS[delim], float(base))
+                      for label, kind, uri, k, delim, base in map(str.split, _TABLE.strip().split("\n")))
 BUILTIN_BASELINES = {t.label: t.random_baseline for t in BUILTIN_TASKS}
 
 
@@ -351,3 +350,4 @@ def bundle_for_training(directory, log: Callable[[str], None] = print) -> Bundle
         log(f"note: CORE is skipped: no task files under {bundle.directory / DATA_DIRNAME}")
         return None
     log(f"CORE: {len(bundle.tasks)}/{bundle.total} tasks from {bundle.directory} ({bundle.source})")
+    return bundle

@@ -409,25 +409,22 @@ def download_hub_dataset(
     dest: str | os.PathLike | None = None,
     *,
     base_url: str | None = None,
-    retries: int = 5,
-    backoff: float = 2.0,
-    timeout: float = 60,
     progress: bool = True,
-    sleep: Callable[[float], None] = time.sleep,
+    **download_kw,
 ) -> Path:
     """Download the HF parquet conversion of (repo_id, subset, split); returns its folder.
 
     A folder with a complete manifest.json is returned at once. Otherwise, under an exclusive
     file lock (other processes wait, then find the manifest): fetch the listing, fetch every
-    shard (valid shards left by an interrupted run are kept; each new one goes through a temp
-    file, the Content-Length and parquet footer checks and os.replace, with retries), remove
-    shards the listing no longer has, and write manifest.json last.
+    shard (valid shards left by an interrupted run are kept; each new one comes through
+    nanochat_jax.download with a parquet footer check; `download_kw` goes there: retries,
+    backoff, timeout, sleep), remove shards the listing no longer has, and write manifest.json last.
     """
     folder = hub_dir(repo_id, subset, split, dest)
     if read_manifest(folder) is not None:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    kw = {"retries": retries, "backoff": backoff, "timeout": timeout, "progress": False, "sleep": sleep}
+    kw = {**download_kw, "progress": False}
     with _FileLock(folder / ".lock"):
         if read_manifest(folder) is not None:  # another process finished while we waited
             return folder
