@@ -45,7 +45,7 @@ import numpy as np
 
 from nanochat_jax.paths import offline_pref_path, offline_sft_path
 from nanochat_jax.tasks.common import Task, TaskMixture
-from nanochat_jax.tasks.hub import HubTask, check_chat, field, iter_jsonl
+from nanochat_jax.tasks.hub import HubTask, check_chat, field, parse_jsonl_file
 
 MIN_PROMPT_TOKENS = 8  # a cropped prompt keeps at least this many tokens after BOS
 OFFLINE_SEED = 1234
@@ -147,16 +147,7 @@ class PreferenceJSONL(Task):
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: no such preference file (one JSON pair per line; "
                                     "an offline set: python -m nanochat_jax.data.preference offline)")
-        try:
-            text = self.path.read_text("utf-8")
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"{self.path}: not UTF-8 text ({exc})") from exc
-        self.pairs = []
-        for n, value in iter_jsonl(text, str(self.path)):
-            try:
-                self.pairs.append(normalize_pair(value))
-            except ValueError as exc:
-                raise ValueError(f"{self.path} line {n}: {exc}") from None
+        self.pairs = parse_jsonl_file(self.path, normalize_pair)
         if not self.pairs:
             raise ValueError(f"{self.path}: no pairs")
 
@@ -265,34 +256,27 @@ def _offline_task() -> Task:
     return TaskMixture([PreferenceJSONL(path)])  # the same shuffle as the `chatterbot` SFT task
 
 
+def _preference_task(name: str, split: str | None, entry: str, data_dir) -> Task:
+    if name.startswith("jsonl="):
+        return PreferenceJSONL(name[len("jsonl="):])
+    if name == "chatterbot-pairs":
+        return _offline_task()
+    if name == "hh-rlhf":
+        local = Path(data_dir) / name if data_dir else None
+        return HHRLHF(split or "train", **({"data_dir": local} if local is not None and local.exists() else {}))
+    raise ValueError(f"unknown preference task {name!r} in {entry!r}; known: chatterbot-pairs, hh-rlhf, jsonl=PATH")
+
+
 def parse_preference_mixture(spec: str, data_dir=None) -> TaskMixture:
     """Comma-separated entries NAME[@SPLIT][[START:STOP]][*REPEAT] (the SFT mixture syntax) with
     NAME one of chatterbot-pairs, hh-rlhf, jsonl=PATH; with data_dir, DIR/hh-rlhf/ holds local files."""
-    from nanochat_jax.tasks.spec import _ENTRY, _slice
+    from nanochat_jax.tasks.spec import _mixture, _parse
 
-    tasks = []
-    for entry in filter(None, (e.strip() for e in spec.split(","))):
-        m = _ENTRY.match(entry)
-        if not m:
-            raise ValueError(f"bad preference entry {entry!r}: expected NAME[@SPLIT][[START:STOP]][*REPEAT], "
-                             "e.g. hh-rlhf@train[:1000] or jsonl=/path/pairs.jsonl")
-        name, split = m["name"], m["split"]
-        if name.startswith("jsonl="):
-            task = PreferenceJSONL(name[len("jsonl="):])
-        elif name == "chatterbot-pairs":
-            task = _offline_task()
-        elif name == "hh-rlhf":
-            local = Path(data_dir) / name if data_dir else None
-            task = HHRLHF(split or "train", **({"data_dir": local} if local is not None and local.exists() else {}))
-        else:
-            raise ValueError(f"unknown preference task {name!r} in {entry!r}; known: chatterbot-pairs, hh-rlhf, "
-                             "jsonl=PATH")
-        if m["start"] or m["stop"]:
-            task = _slice(task, m["start"], m["stop"])
-        tasks += [task] * int(m["repeat"] or 1)
-    if not tasks:
-        raise ValueError(f"empty preference mixture {spec!r}")
-    return TaskMixture(tasks)
+    def make(name, split, entry):
+        return _preference_task(name, split, entry, data_dir)
+
+    return _mixture(spec, lambda entry: _parse(entry, make, "preference",
+                                               "hh-rlhf@train[:1000] or jsonl=/path/pairs.jsonl"), "preference")
 
 
 # ----------------------------------------------------------------------------- rendering and the length rule

@@ -14,7 +14,19 @@ import os
 from pathlib import Path
 
 from nanochat_jax.tasks.common import Task
-from nanochat_jax.tasks.hub import check_chat, iter_jsonl
+from nanochat_jax.tasks.hub import check_chat, parse_jsonl_file
+
+
+def _messages(value) -> list:
+    """One line: a JSON array of messages or an object with "messages", checked as a chat."""
+    messages = value.get("messages") if isinstance(value, dict) else value
+    if isinstance(value, dict) and "messages" not in value:
+        raise ValueError("missing field 'messages'")
+    if not isinstance(messages, list):
+        raise ValueError(f"expected a JSON array of messages or an object with 'messages', "
+                         f"got {type(messages).__name__}")
+    check_chat(messages, allow_system=False)
+    return messages
 
 
 class CustomJSON(Task):
@@ -28,23 +40,7 @@ class CustomJSON(Task):
                 f"{self.path}: no such file (nanochat's identity conversations: "
                 "https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl; "
                 "an offline SFT set: python -m nanochat_jax.data.corpus sft)")
-        try:
-            text = self.path.read_text("utf-8")
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"{self.path}: not UTF-8 text ({exc})") from exc
-        self.conversations = []
-        for n, value in iter_jsonl(text, str(self.path)):
-            try:
-                messages = value.get("messages") if isinstance(value, dict) else value
-                if isinstance(value, dict) and "messages" not in value:
-                    raise ValueError("missing field 'messages'")
-                if not isinstance(messages, list):
-                    raise ValueError(f"expected a JSON array of messages or an object with 'messages', "
-                                     f"got {type(messages).__name__}")
-                check_chat(messages, allow_system=False)
-            except ValueError as exc:
-                raise ValueError(f"{self.path} line {n}: {exc}") from None
-            self.conversations.append(messages)
+        self.conversations = parse_jsonl_file(self.path, _messages)
 
     def num_examples(self) -> int:
         return len(self.conversations)

@@ -216,6 +216,17 @@ def iter_jsonl(text: str, label: str) -> Iterable[tuple[int, object]]:
             raise ValueError(f"{label} line {n}: invalid JSON: {exc.msg} (column {exc.colno})") from None
 
 
+def parse_jsonl_file(path: Path, parse: Callable[[object], object]) -> list:
+    """parse(value) of every non-blank line of a UTF-8 JSONL file; a ValueError reads "{path} line 12: ..."."""
+    out = []
+    for n, value in iter_jsonl(_read_text(path), str(path)):
+        try:
+            out.append(parse(value))
+        except ValueError as exc:
+            raise ValueError(f"{path} line {n}: {exc}") from None
+    return out
+
+
 def rows_to_dataset(rows: list[dict], origin: Origin, columns: Sequence[str] | None = None) -> TableDataset:
     """A TableDataset from validated row dicts (only `columns`, when given, are kept)."""
     if columns is not None:

@@ -73,33 +73,45 @@ def _slice(task: Task, start: str | None, stop: str | None) -> Task:
     return task
 
 
-def parse_entry(entry: str, data_dir=None) -> tuple[Task, int]:
-    """(task, repeat) for one ENTRY; errors say what was expected. data_dir: DIR/<name>/ holds
-    local data for named tasks (e.g. DIR/gsm8k/test.jsonl)."""
+def _parse(entry: str, make: Callable[[str, str | None, str], Task], what: str, example: str) -> tuple[Task, int]:
+    """(task, repeat) for one ENTRY; make(name, split, entry) builds the task, then it is sliced."""
     m = _ENTRY.match(entry.strip())
     if not m:
-        raise ValueError(f"bad task entry {entry!r}: expected NAME[@SPLIT][[START:STOP]][*REPEAT], "
-                         "e.g. gsm8k@train[:1000]*2 or jsonl=/path/convs.jsonl")
-    name, split = m["name"], m["split"]
-    if name.startswith("jsonl="):
-        from nanochat_jax.tasks.customjson import CustomJSON
-        task = CustomJSON(name[len("jsonl="):])
-    else:
-        factories = _factories(data_dir)
-        if name not in factories:
-            raise ValueError(f"unknown task {name!r} in {entry!r}; known: {', '.join(factories)}, jsonl=PATH")
-        task = factories[name](split)
+        raise ValueError(f"bad {what} entry {entry!r}: expected NAME[@SPLIT][[START:STOP]][*REPEAT], e.g. {example}")
+    task = make(m["name"], m["split"], entry)
     if m["start"] or m["stop"]:
         task = _slice(task, m["start"], m["stop"])
     return task, int(m["repeat"] or 1)
 
 
-def parse_mixture(spec: str, data_dir=None) -> TaskMixture:
+def _mixture(spec: str, parse: Callable[[str], tuple[Task, int]], what: str) -> TaskMixture:
     """A TaskMixture (upstream's seeded shuffle) of the comma-separated entries."""
     tasks = []
     for entry in filter(None, (e.strip() for e in spec.split(","))):
-        task, repeat = parse_entry(entry, data_dir)
+        task, repeat = parse(entry)
         tasks += [task] * repeat
     if not tasks:
-        raise ValueError(f"empty task mixture {spec!r}")
+        raise ValueError(f"empty {what} mixture {spec!r}")
     return TaskMixture(tasks)
+
+
+def _named_task(name: str, split: str | None, entry: str, data_dir) -> Task:
+    if name.startswith("jsonl="):
+        from nanochat_jax.tasks.customjson import CustomJSON
+        return CustomJSON(name[len("jsonl="):])
+    factories = _factories(data_dir)
+    if name not in factories:
+        raise ValueError(f"unknown task {name!r} in {entry!r}; known: {', '.join(factories)}, jsonl=PATH")
+    return factories[name](split)
+
+
+def parse_entry(entry: str, data_dir=None) -> tuple[Task, int]:
+    """(task, repeat) for one ENTRY; errors say what was expected. data_dir: DIR/<name>/ holds
+    local data for named tasks (e.g. DIR/gsm8k/test.jsonl)."""
+    return _parse(entry, lambda name, split, e: _named_task(name, split, e, data_dir), "task",
+                  "gsm8k@train[:1000]*2 or jsonl=/path/convs.jsonl")
+
+
+def parse_mixture(spec: str, data_dir=None) -> TaskMixture:
+    """A TaskMixture (upstream's seeded shuffle) of the comma-separated entries."""
+    return _mixture(spec, lambda entry: parse_entry(entry, data_dir), "task")
