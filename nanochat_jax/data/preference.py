@@ -15,7 +15,7 @@ Tasks (mixture strings like SFT's, parse_preference_mixture):
 - `hh-rlhf[@train|@test]`: Anthropic/hh-rlhf through the HF parquet downloader (tasks/hub.py); rows
   whose transcripts do not parse into one shared prompt and two non-empty replies are skipped and
   counted (real data has a few hundred of them), never an error;
-- `chatterbot-pairs`: the offline set (build_offline_pairs), written on first use.
+- `chatterbot-pairs`: the offline set (data/corpus.py build_offline_pairs), written on first use.
 
 Rendering: render_conversation of prompt + reply gives the ids and the chat template's loss
 mask; only the final reply (its text and <|assistant_end|>) is supervised, earlier assistant
@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
 import os
-import random
 import re
 import sys
 from pathlib import Path
@@ -43,12 +41,11 @@ from typing import Any, Callable, Sequence
 import grain
 import numpy as np
 
-from nanochat_jax.paths import offline_pref_path, offline_sft_path
+from nanochat_jax.data.corpus import PAIRS_SEED, build_offline_pair_file
 from nanochat_jax.tasks.common import Task, TaskMixture
 from nanochat_jax.tasks.hub import HubTask, check_chat, field, parse_jsonl_file
 
 MIN_PROMPT_TOKENS = 8  # a cropped prompt keeps at least this many tokens after BOS
-OFFLINE_SEED = 1234
 
 
 # ----------------------------------------------------------------------------- formats
@@ -203,57 +200,10 @@ class HHRLHF(HubTask):
 # ----------------------------------------------------------------------------- the offline set
 
 
-def build_offline_pairs(conversations: Sequence[dict], seed: int = OFFLINE_SEED) -> list[dict]:
-    """One pair per conversation: prompt = every turn but the last, chosen = the corpus's own last
-    reply, rejected = the last reply of another conversation drawn at random (seeded) among those
-    whose reply and first user turn both differ.
-
-    An unrelated reply is a fluent, on-distribution answer that is wrong for this prompt: the
-    preference is unambiguous and needs no model to label it. (The SFT model's own samples, the
-    other option, are near-copies of the corpus reply at small scale, so the labels would be noise.)"""
-    rng = random.Random(seed)
-    out = []
-    n = len(conversations)
-    for i, conv in enumerate(conversations):
-        msgs = conv["messages"]
-        for _ in range(100):
-            j = rng.randrange(n)
-            other = conversations[j]["messages"]
-            if j != i and other[-1]["content"] != msgs[-1]["content"] and other[0]["content"] != msgs[0]["content"]:
-                break
-        else:
-            raise ValueError(f"conversation {i}: found no unrelated reply in 100 draws (too few distinct conversations)")
-        out.append({"messages": msgs[:-1], "chosen": msgs[-1]["content"], "rejected": other[-1]["content"]})
-    return out
-
-
-def build_offline_pair_file(out_path: str | os.PathLike | None = None, sft_path: str | os.PathLike | None = None,
-                            seed: int = OFFLINE_SEED) -> dict:
-    """Write build_offline_pairs of the offline SFT set (chatterbot-corpus, built if missing) as JSONL,
-    in the SFT file's order, so `chatterbot-pairs[a:b]` has the prompts of `chatterbot[a:b]`."""
-    from nanochat_jax.data.corpus import build_sft_set
-    from nanochat_jax.tasks.customjson import CustomJSON
-
-    out_path = Path(out_path) if out_path is not None else offline_pref_path()
-    sft_path = Path(sft_path) if sft_path is not None else offline_sft_path()
-    if not sft_path.is_file():
-        build_sft_set(sft_path)
-    convs = list(CustomJSON(sft_path))
-    pairs = build_offline_pairs(convs, seed)
-    data = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs).encode("utf-8")
-    if not (out_path.is_file() and out_path.read_bytes() == data):
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, out_path)
-    return {"path": str(out_path), "pairs": len(pairs), "source": str(sft_path)}
-
-
 def _offline_task() -> Task:
-    path = offline_pref_path()
-    if not path.is_file():
-        build_offline_pair_file(path)
-    return TaskMixture([PreferenceJSONL(path)])  # the same shuffle as the `chatterbot` SFT task
+    from nanochat_jax.data.corpus import offline_pair_file
+
+    return TaskMixture([PreferenceJSONL(offline_pair_file())])  # the same shuffle as the `chatterbot` SFT task
 
 
 def _preference_task(name: str, split: str | None, entry: str, data_dir) -> Task:
@@ -421,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("command", choices=["offline"])
     ap.add_argument("--out", default=None, help="default: $NANOCHAT_JAX_HOME/pref_data_offline/chatterbot_pairs.jsonl")
     ap.add_argument("--sft-file", default=None, help="the offline SFT JSONL (default: built if missing)")
-    ap.add_argument("--seed", type=int, default=OFFLINE_SEED)
+    ap.add_argument("--seed", type=int, default=PAIRS_SEED)
     args = ap.parse_args(argv)
     stats = build_offline_pair_file(args.out, args.sft_file, args.seed)
     print(f"wrote {stats['pairs']:,} pairs to {stats['path']} (from {stats['source']})")

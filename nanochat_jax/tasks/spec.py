@@ -51,14 +51,10 @@ def _factories(data_dir=None) -> dict[str, Callable[..., Task]]:
 
 
 def _chatterbot() -> Task:
-    from nanochat_jax.data.corpus import build_sft_set
-    from nanochat_jax.paths import offline_sft_path
+    from nanochat_jax.data.corpus import offline_sft_file
     from nanochat_jax.tasks.customjson import CustomJSON
 
-    path = offline_sft_path()
-    if not path.is_file():
-        build_sft_set(path)
-    return TaskMixture([CustomJSON(path)])  # the file is grouped by topic: shuffle before any slicing
+    return TaskMixture([CustomJSON(offline_sft_file())])  # the file is grouped by topic: shuffle before any slicing
 
 
 def _slice(task: Task, start: str | None, stop: str | None) -> Task:
