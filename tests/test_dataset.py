@@ -14,9 +14,7 @@ import pytest
 from fault_server import FaultServer
 
 from nanochat_jax.data.dataset import (
-    MAX_SHARD,
-    URL_PATTERN,
-    VAL_SHARD,
+    DATASETS,
     check_parquet,
     default_data_dir,
     download_shards,
@@ -137,8 +135,8 @@ def test_urls_indices_and_default_dir(monkeypatch, tmp_path):
     assert shard_url(7, "fineweb-edu") == (
         "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_00007.parquet"
     )
-    assert URL_PATTERN.format(index=5) == shard_url(5)
-    assert MAX_SHARD == VAL_SHARD == CLIMBMIX_VAL
+    assert DATASETS["climbmix"].base_url + "/shard_00005.parquet" == shard_url(5)
+    assert DATASETS["climbmix"].max_shard == CLIMBMIX_VAL
     assert shard_url(3, base_url="http://h/p/") == "http://h/p/shard_00003.parquet"
     assert shard_indices(3) == [0, 1, 2, CLIMBMIX_VAL]
     assert shard_indices(3, "fineweb-edu") == [0, 1, 2, FINEWEB_VAL]

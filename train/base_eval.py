@@ -26,8 +26,7 @@ from jax.sharding import PartitionSpec as P
 from nanochat_jax import paths, sharding
 from nanochat_jax.common import DTYPES, resolve_dtype, run_cli, tune_malloc
 from nanochat_jax.download import DownloadError
-from nanochat_jax.evals import core as core_eval
-from nanochat_jax.evals import core_tasks
+from nanochat_jax.evals import core as core_eval, core_tasks
 from nanochat_jax.paths import home_dir, pretrain_data_dir
 
 EVALS = ("core", "bpb", "sample")

@@ -38,8 +38,7 @@ from nanochat_jax.config import config_for_depth
 from nanochat_jax.convert import export_nanochat_checkpoint, torch_available
 from nanochat_jax.data.dataset import check_parquet
 from nanochat_jax.data.pipeline import pretrain_loader, val_batches
-from nanochat_jax.evals import core as core_eval
-from nanochat_jax.evals.core_tasks import bundle_for_training
+from nanochat_jax.evals import core as core_eval, core_tasks
 from nanochat_jax.evals.bpb import evaluate_bpb
 from nanochat_jax.paths import home_dir, pretrain_data_dir
 from nanochat_jax.report import LossEMA, RunLogger, StepTimer, format_step_line, write_report
@@ -241,7 +240,7 @@ def _train(args, tag, out_dir, data_dir, tok, dtype, config, mesh, plan, main_pr
     say("plan: " + json.dumps(dataclasses.asdict(plan)))
     core_bundle = core_metric = None
     if args.core_metric_every > 0:
-        core_bundle = bundle_for_training(args.bundle_dir, say)
+        core_bundle = core_tasks.bundle_for_training(args.bundle_dir, say)
 
     tx = optim.optimizer_for(config, plan.num_iterations, plan.total_batch_size, name=args.optimizer,
                              embedding_lr=args.embedding_lr, unembedding_lr=args.unembedding_lr,

@@ -37,10 +37,6 @@ class DatasetInfo:
     dirname: str  # sub-directory of NANOCHAT_JAX_HOME
 
     @property
-    def val_shard(self) -> int:
-        return self.max_shard
-
-    @property
     def base_url(self) -> str:
         return f"https://huggingface.co/datasets/{self.repo}/resolve/main"
 
@@ -50,10 +46,6 @@ DATASETS = {
     # Legacy (used upstream until 2026-03-04); upstream's directory name was plain base_data.
     "fineweb-edu": DatasetInfo("karpathy/fineweb-edu-100b-shuffle", 1822, "base_data"),
 }
-MAX_SHARD = DATASETS["climbmix"].max_shard
-VAL_SHARD = DATASETS["climbmix"].val_shard
-BASE_URL = DATASETS["climbmix"].base_url
-URL_PATTERN = BASE_URL + "/shard_{index:05d}.parquet"
 
 
 def default_data_dir(dataset: str = "climbmix") -> Path:
@@ -83,7 +75,7 @@ def shard_indices(num_shards: int, dataset: str = "climbmix") -> list[int]:
     if num_shards < -1:
         raise ValueError(f"num_shards must be >= -1 (-1 means all), got {num_shards}")
     n = info.max_shard + 1 if num_shards == -1 else min(num_shards, info.max_shard + 1)
-    return sorted(set(range(n)) | {info.val_shard})
+    return sorted(set(range(n)) | {info.max_shard})
 
 
 # ----------------------------------------------------------------------------- validation
