@@ -33,12 +33,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nanochat_jax import engine as E
 from nanochat_jax import model
 from nanochat_jax.config import config_for_depth
 from nanochat_jax.convert import state_dict_from_params
 from nanochat_jax.tokenizer import SPECIAL_TOKENS
-from serve.scheduler import Request, Scheduler
+from nanochat_jax.scheduler import Engine, Request, Scheduler
 
 UPSTREAM = {1: 470.0, 8: 1850.0}  # upstream nanochat's decode tok/s at batch 1 and 8 (the targets' base)
 
@@ -283,7 +282,7 @@ def main(argv=None):
 
     engine_out = None
     for steps in args.steps_per_call:
-        eng = E.Engine(params, config, tok, dtype=jnp.dtype(args.dtype), steps_per_call=steps)
+        eng = Engine(params, config, tok, dtype=jnp.dtype(args.dtype), steps_per_call=steps)
         run = bench_engine(eng, prompts[0], new, steps)
         engine_out = run()["out"]  # warm-up (compiles)
         emit(best_run(run, args.repeats))

@@ -23,7 +23,7 @@ import numpy as np
 
 from nanochat_jax.config import config_for_depth
 from nanochat_jax.convert import params_from_state_dict
-from nanochat_jax.engine import Engine
+from nanochat_jax.scheduler import Engine
 from nanochat_jax.tokenizer import Tokenizer
 
 SHARED_GSM8K = Path(os.environ.get("NANOCHAT_GSM8K_DIR", "/nonexistent")) / "test.jsonl"
@@ -54,8 +54,8 @@ def problems(n: int, seed: int = 0) -> dict[str, list[dict]]:
 
 
 def bench_engine(engine, prompts, max_new, slots):
-    from serve.scheduler import Scheduler
-    from train.chat_eval import scheduler_sampler
+    from nanochat_jax.evals.chat import scheduler_sampler
+    from nanochat_jax.scheduler import Scheduler
 
     sched = Scheduler(engine, slots=slots, max_queue=1 << 16)
     try:

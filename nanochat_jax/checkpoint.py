@@ -662,6 +662,20 @@ def load_params(directory, step: int | None = None, say=None) -> tuple[dict, GPT
     return state["params"], GPTConfig.from_dict(meta["model_config"]), meta
 
 
+def load_engine(checkpoint: str, nanochat: bool, tokenizer_dir: str, dtype=None, step: int | None = None):
+    """An Engine over params from a nanochat .pt directory, or from our Orbax checkpoint / run dir
+    (latest or given step)."""
+    from nanochat_jax.scheduler import Engine
+    from nanochat_jax.tokenizer import Tokenizer
+
+    if nanochat:
+        from nanochat_jax.convert import load_nanochat_checkpoint
+        params, config, _ = load_nanochat_checkpoint(checkpoint, step=step, dtype=dtype)
+    else:
+        params, config, _ = load_params(checkpoint, step)
+    return Engine(params, config, Tokenizer.load(tokenizer_dir), dtype=dtype)
+
+
 def newest_run(root) -> epath.Path:
     """The most recently written run directory (one holding `checkpoints/`) under root, e.g.
     $NANOCHAT_JAX_HOME/base_checkpoints; CheckpointNotFoundError naming root if there is none."""

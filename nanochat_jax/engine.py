@@ -1,4 +1,4 @@
-"""KV-cache inference (docs/numerics.md#generation): jitted prefill / insert / generate_step, and the host Engine.
+"""KV-cache inference (docs/numerics.md#generation): jitted prefill / insert / generate_step.
 
 The serving shape is the one JAX serving stacks use (JetStream's): a prompt is prefilled once at batch 1,
 padded to a length bucket so only a few shapes ever compile; the result is inserted into
@@ -11,21 +11,17 @@ The cached forward re-states model.GPT.__call__ as a pure function of the same p
 tree, reading and writing k/v at per-slot positions; it must equal `model.forward` at
 every position (same rotary offsets, smear, value embeddings, backout and windows).
 
-The jitted core never sees a tokenizer: the host Engine owns the calculator tool (an expression
-between <|python_start|> and <|python_end|>, as upstream), whose state machine forces
-`<|output_start|> result <|output_end|>` into a row.
+The jitted core never sees a tokenizer: the host loop (scheduler.py) owns the calculator tool
+and forces its output into a row.
 """
 
 from __future__ import annotations
 
-import ast
-import collections
 import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from nanochat_jax.common import resolve_dtype
 from nanochat_jax.config import SMEAR_CHANNELS, VE_GATE_CHANNELS, GPTConfig
@@ -440,185 +436,3 @@ def generate_steps(state: DecodeState, params, forced_NS, pause_id, *, config: G
     (state, _), (tokens_NS, finish_NS, fresh_NS, logprobs) = jax.lax.scan(
         body, (state, jnp.zeros_like(state.finish_S, bool)), forced_NS)
     return state, tokens_NS, finish_NS, fresh_NS, logprobs
-
-
-# ---- calculator tool ------------------------------------------------------------------------
-
-_ARITH_CHARS = set("0123456789*+-/.() ")
-_COUNT_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789'\"()._ ")
-_BIN_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
-            ast.Div: lambda a, b: a / b, ast.FloorDiv: lambda a, b: a // b}
-_MAX_DIGITS = 1000  # bounds the work a chain of multiplications can ask for
-
-
-def _eval_node(node):
-    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-        return node.value
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
-        x = _eval_node(node.operand)
-        return x if isinstance(node.op, ast.UAdd) else -x
-    if isinstance(node, ast.BinOp) and type(node.op) in _BIN_OPS:
-        out = _BIN_OPS[type(node.op)](_eval_node(node.left), _eval_node(node.right))
-        if isinstance(out, int) and abs(out).bit_length() > 3.33 * _MAX_DIGITS:
-            raise ValueError("result too large")
-        return out
-    raise ValueError(f"disallowed syntax {type(node).__name__}")
-
-
-def use_calculator(expr: str):
-    """Upstream's calculator without eval: arithmetic (+ - * / // and parentheses, no **) or
-    the string form '<str>.count(<str>)'. Anything else, or any error, gives None."""
-    expr = expr.replace(",", "")
-    try:
-        tree = ast.parse(expr.strip(), mode="eval").body
-        if set(expr) <= _ARITH_CHARS:
-            return None if "**" in expr else _eval_node(tree)
-        if set(expr) <= _COUNT_CHARS and ".count(" in expr:
-            if (isinstance(tree, ast.Call) and isinstance(tree.func, ast.Attribute) and tree.func.attr == "count"
-                    and isinstance(tree.func.value, ast.Constant) and isinstance(tree.func.value.value, str)
-                    and len(tree.args) == 1 and not tree.keywords
-                    and isinstance(tree.args[0], ast.Constant) and isinstance(tree.args[0].value, str)):
-                return tree.func.value.value.count(tree.args[0].value)
-    except (SyntaxError, ValueError, ZeroDivisionError, OverflowError, RecursionError, MemoryError, TypeError):
-        return None
-    return None
-
-
-def tool_output(expr_ids: list, sp: dict, tokenizer) -> list:
-    """The tokens forced after a calculator call: none when it gives no result or when anything
-    in the tool path raises, since this runs on the scheduler thread and must never end it."""
-    try:
-        result = use_calculator(tokenizer.decode(expr_ids))
-        if result is None:
-            return []
-        return [sp["<|output_start|>"], *tokenizer.encode(str(result)), sp["<|output_end|>"]]
-    except Exception:  # noqa: BLE001 - a tool error is "no result", never a dead server
-        return []
-
-
-class _ToolRow:
-    """One row's calculator state machine and its queue of forced tokens."""
-
-    def __init__(self):
-        self.in_python, self.expr, self.forced = False, [], collections.deque()
-
-    def see(self, token: int, sp: dict, tokenizer) -> None:
-        if token == sp["<|python_start|>"]:
-            self.in_python, self.expr = True, []
-        elif token == sp["<|python_end|>"] and self.in_python:
-            self.in_python = False
-            self.forced.extend(tool_output(self.expr, sp, tokenizer))
-        elif self.in_python:
-            self.expr.append(token)
-
-
-# ---- host side ---------------------------------------------------------------------------------
-
-class Completion(NamedTuple):
-    tokens: list  # generated ids, without the stop token
-    masks: list  # 1 sampled, 0 forced
-    finish_reason: str  # "stop" or "length"
-
-
-class Engine:
-    """Streaming generation over the jitted core (upstream's Engine API, plus top_p)."""
-
-    def __init__(self, params, config: GPTConfig, tokenizer, dtype=None, steps_per_call: int = 1):
-        """steps_per_call > 1 decodes that many tokens per device call (generate_steps):
-        fewer dispatches and host syncs, at the cost of up to that many wasted steps at the end."""
-        # host (numpy) params go to the device once here, not on every jitted call
-        params = jax.tree.map(lambda a: a if isinstance(a, jax.Array) else jnp.asarray(a), params)
-        self.params, self.config, self.tokenizer = params, config, tokenizer
-        self.dtype = resolve_dtype(dtype)
-        self.steps_per_call = steps_per_call
-        names = ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>",
-                 "<|assistant_end|>", "<|bos|>")
-        self.special = {s: tokenizer.encode_special(s) for s in names}
-        self.stop_ids = (self.special["<|assistant_end|>"], self.special["<|bos|>"])
-
-    def prefill(self, tokens: list[int], max_len: int) -> Prefix:
-        n = len(tokens)
-        T = bucket_length(n, max_len)
-        padded = np.zeros((1, T), np.int32)
-        padded[0, :n] = tokens
-        return prefill(self.params, jnp.asarray(padded), n, config=self.config, dtype=self.dtype)
-
-    def _stream(self, tokens, num_samples, max_tokens, temperature, top_k, top_p, seed):
-        """Yields (token column, masks, fresh) where fresh marks rows that produced a new token."""
-        if not tokens:
-            raise ValueError("generate needs at least one prompt token")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if max_tokens is not None and max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-        n = len(tokens)
-        cap = self.config.sequence_len if max_tokens is None else n + max_tokens
-        if n >= cap:
-            raise ValueError(f"prompt of {n} tokens leaves no room under the {cap}-token limit")
-        max_len = -(-cap // 128) * 128  # round up so nearby requests share one compile
-        state = init_state(self.config, num_samples, max_len, self.stop_ids, self.dtype)
-        prefix = self.prefill(tokens, max_len)
-        base = jax.random.key(seed)
-        for row in range(num_samples):  # one prefill, N independently sampled rows
-            key_data = jax.random.key_data(jax.random.fold_in(base, row))
-            state = insert(state, prefix, row, key_data, temperature, top_k or 0,
-                           1.0 if top_p is None else top_p, cap - n)
-        column, finish = np.asarray(state.last_token_S), np.asarray(state.finish_S)
-        fresh, masks = np.ones(num_samples, bool), np.ones(num_samples, np.int32)
-        tools = [_ToolRow() for _ in range(num_samples)]
-        while True:
-            for r in np.flatnonzero(fresh):
-                tools[r].see(int(column[r]), self.special, self.tokenizer)
-            yield column.tolist(), masks.tolist(), fresh.tolist(), finish.tolist()
-            if (finish != RUNNING).all():
-                return
-            state, steps = self._decode(state, tools, finish)
-            for column, finish, fresh, forced in steps[:-1]:  # all but the last step of the call
-                masks = (fresh & (forced < 0)).astype(np.int32)
-                for r in np.flatnonzero(fresh):
-                    tools[r].see(int(column[r]), self.special, self.tokenizer)
-                yield column.tolist(), masks.tolist(), fresh.tolist(), finish.tolist()
-            column, finish, fresh, forced = steps[-1]
-            masks = (fresh & (forced < 0)).astype(np.int32)
-
-    def _decode(self, state, tools, finish):
-        """One device call: (state, [(column, finish, fresh, forced) per step that produced a token])."""
-        n = self.steps_per_call
-        forced = np.full((n, len(tools)), -1, np.int32)
-        for r, t in enumerate(tools):
-            for j in range(min(n, len(t.forced)) if finish[r] == RUNNING else 0):
-                forced[j, r] = t.forced.popleft()
-        if n == 1:
-            running = finish == RUNNING
-            state, column, finish = generate_step(state, self.params, jnp.asarray(forced[0]), config=self.config,
-                                                  dtype=self.dtype)
-            return state, [(np.asarray(column), np.asarray(finish), running, forced[0])]
-        state, tokens, finishes, fresh, _ = generate_steps(state, self.params, jnp.asarray(forced),
-                                                        self.special["<|python_end|>"], config=self.config,
-                                                        dtype=self.dtype)
-        tokens, finishes, fresh = np.asarray(tokens), np.asarray(finishes), np.asarray(fresh)
-        return state, [(tokens[j], finishes[j], fresh[j], forced[j]) for j in range(n) if fresh[j].any()]
-
-    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None, seed=42):
-        """Yields (token_column, token_masks) per step; mask 0 = forced (or an already finished row)."""
-        for column, masks, _, _ in self._stream(tokens, num_samples, max_tokens, temperature, top_k, top_p, seed):
-            yield column, masks
-
-    def complete(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None,
-                 seed=42) -> list[Completion]:
-        """Run to the end: each row's generated tokens (stop token excluded) and finish reason."""
-        out = [([], []) for _ in range(num_samples)]
-        finish = [RUNNING] * num_samples
-        stop = set(self.stop_ids)
-        for column, masks, fresh, finish in self._stream(tokens, num_samples, max_tokens, temperature, top_k, top_p,
-                                                         seed):
-            for r in range(num_samples):
-                if fresh[r] and column[r] not in stop:
-                    out[r][0].append(column[r])
-                    out[r][1].append(masks[r])
-        return [Completion(t, m, FINISH_REASONS.get(f, "length")) for (t, m), f in zip(out, finish)]
-
-    def generate_batch(self, tokens, num_samples=1, **kw):
-        """Upstream's (results, masks): prompt + generated ids per row, masks 0 on prompt and forced tokens."""
-        done = self.complete(tokens, num_samples, **kw)
-        return [list(tokens) + c.tokens for c in done], [[0] * len(tokens) + c.masks for c in done]

@@ -34,8 +34,8 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nanochat_jax.engine import TOP_LOGPROBS, Engine
-from serve.scheduler import SEED_MAX, SEED_MIN, QueueFull, Request, Scheduler, SchedulerDead
+from nanochat_jax.engine import TOP_LOGPROBS
+from nanochat_jax.scheduler import SEED_MAX, SEED_MIN, Engine, QueueFull, Request, Scheduler, SchedulerDead
 
 log = logging.getLogger("nanochat.serve")
 safety_log = logging.getLogger("nanochat.safety")  # decisions: request id and category, never the text
@@ -592,19 +592,6 @@ def _openapi(app: FastAPI) -> dict:
     return doc
 
 
-def load_engine(checkpoint: str, nanochat: bool, tokenizer_dir: str, dtype=None, step: int | None = None) -> Engine:
-    """Params from a nanochat .pt directory, or from our Orbax checkpoint / run dir (latest or given step)."""
-    from nanochat_jax.tokenizer import Tokenizer
-
-    if nanochat:
-        from nanochat_jax.convert import load_nanochat_checkpoint
-        params, config, _ = load_nanochat_checkpoint(checkpoint, step=step, dtype=dtype)
-    else:
-        from nanochat_jax.checkpoint import load_params
-        params, config, _ = load_params(checkpoint, step)
-    return Engine(params, config, Tokenizer.load(tokenizer_dir), dtype=dtype)
-
-
 def warm_up(sched: Scheduler, app: FastAPI, api_key: str | None = None) -> float:
     """Everything a first request needs, done before serving: the scheduler's compiles and
     end-to-end requests (Scheduler.warmup), then one plain and one streamed chat request
@@ -693,6 +680,7 @@ def serve(sched: Scheduler, app: FastAPI, host: str, port: int, drain_s: float =
 
 def main(argv=None):
     from nanochat_jax import safety as safety_mod
+    from nanochat_jax.checkpoint import load_engine
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="Orbax checkpoint dir (or nanochat .pt dir with --nanochat)")

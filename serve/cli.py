@@ -18,7 +18,8 @@ import signal
 import sys
 import threading
 
-from serve.app import truncate_messages, load_engine
+from nanochat_jax.checkpoint import load_engine
+from serve.app import truncate_messages
 
 
 class _StopOnInterrupt:

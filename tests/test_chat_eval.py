@@ -9,7 +9,7 @@ import pytest
 from nanochat_jax import model, optim, sharding
 from nanochat_jax.checkpoint import Checkpointer
 from nanochat_jax.config import GPTConfig
-from nanochat_jax.engine import Engine
+from nanochat_jax.scheduler import Engine
 from nanochat_jax.evals import chat
 from nanochat_jax.tasks.arc import ARC
 from nanochat_jax.tasks.gsm8k import GSM8K
@@ -115,7 +115,7 @@ def test_generative_pass_at_k(tmp_path):
 
 def test_engine_sampler_matches_engine_complete(setup):
     """The continuous-batching sampler gives each prompt what Engine.complete gives it alone."""
-    from serve.scheduler import Scheduler
+    from nanochat_jax.scheduler import Scheduler
 
     _, tok, cfg, _ = setup
     engine = Engine(model.init_params(cfg, jax.random.key(5)), cfg, tok)
@@ -123,7 +123,7 @@ def test_engine_sampler_matches_engine_complete(setup):
                for i in range(5)]
     sched = Scheduler(engine, slots=4, max_queue=64)
     try:
-        got = chat_eval.scheduler_sampler(sched, num_samples=2, max_tokens=12, temperature=0.0)(prompts)
+        got = chat.scheduler_sampler(sched, num_samples=2, max_tokens=12, temperature=0.0)(prompts)
     finally:
         sched.close()
     for p, texts in zip(prompts, got):

@@ -292,7 +292,7 @@ def test_dpo_raises_preference_accuracy_and_writes_a_loadable_model(dpo_setup, t
         assert (out / png).stat().st_size > 1000
     params, config, meta = load_params(out)  # what chat_eval --checkpoint, serve.app and serve.cli call
     assert meta["step"] == 12 and meta["start"]["step"] == 7 and config.sequence_len == 32
-    from serve.app import load_engine
+    from nanochat_jax.checkpoint import load_engine
     engine = load_engine(str(out / "checkpoints"), False, str(d / "tok"))
     assert engine.complete(tok.render_for_completion({"messages": [{"role": "user", "content": "Say hello."}]}),
                            max_tokens=4, temperature=0.0)

@@ -16,7 +16,7 @@ import pytest
 
 from helpers import needs_torch, torch
 from test_engine import ByteTokenizer
-from nanochat_jax import engine, model, optim, sharding
+from nanochat_jax import engine, model, optim, scheduler, sharding
 from nanochat_jax.config import GPTConfig
 from nanochat_jax.convert import params_from_state_dict, state_dict_from_params
 from nanochat_jax.train_step import init_train_state, make_train_step
@@ -157,7 +157,7 @@ def test_engine_greedy_equals_naive_generate_on_device(dtype):
             return seq[len(prompt):], sure
         runs = [(naive(p), p) for p in prompts[: 1 if dtype == jnp.float32 else 5]]
         (want, sure), prompt = max(runs, key=lambda r: r[0][1])
-        eng = engine.Engine(params, config, tok, dtype=dtype)
+        eng = scheduler.Engine(params, config, tok, dtype=dtype)
         got = [int(col[0]) for col, _ in eng.generate(prompt, max_tokens=new, temperature=0.0)]
     upto = min(sure, len(got))  # the engine stops early at a stop token; the naive loop does not
     assert upto >= (8 if dtype == jnp.float32 else 4), f"only {upto} comparable steps; the test lost its power"

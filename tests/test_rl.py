@@ -8,7 +8,7 @@ import pytest
 
 from nanochat_jax import model, optim, sharding
 from nanochat_jax.config import GPTConfig
-from nanochat_jax.engine import Engine
+from nanochat_jax.scheduler import Engine
 from nanochat_jax.tasks.common import Task
 from nanochat_jax.tokenizer import Tokenizer
 from nanochat_jax.train_step import init_train_state, make_train_step

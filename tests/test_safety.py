@@ -148,7 +148,7 @@ def piece_engine(pieces):
     from test_engine import SP, bigram_params
     from test_serve import CFG, ChatByteTokenizer
 
-    from nanochat_jax.engine import Engine
+    from nanochat_jax.scheduler import Engine
 
     table = {16 + i: p for i, p in enumerate(pieces)}
 
@@ -165,7 +165,7 @@ def _app(pieces, policy, **kw):
     from fastapi.testclient import TestClient
 
     from serve.app import create_app
-    from serve.scheduler import Scheduler
+    from nanochat_jax.scheduler import Scheduler
 
     sched = Scheduler(piece_engine(pieces), slots=2)
     return sched, TestClient(create_app(sched, "scripted", safety=policy, **kw))

@@ -15,9 +15,9 @@ from test_engine import SP, ByteTokenizer, _tool_chain, bigram_params, random_pa
 from nanochat_jax import engine
 from nanochat_jax.config import GPTConfig
 from nanochat_jax.tokenizer import Tokenizer
-from serve import scheduler as sched_mod
+from nanochat_jax import scheduler as sched_mod
 from serve.app import Limits, create_app
-from serve.scheduler import QueueFull, Request, Scheduler
+from nanochat_jax.scheduler import Engine, QueueFull, Request, Scheduler
 
 F32 = jnp.float32
 
@@ -43,12 +43,12 @@ def chain_engine(text, loop=False):
     ids = [SP["<|assistant_start|>"], *TOK.encode(text)]
     chain = dict(zip(ids[:-1], ids[1:]))
     chain[ids[-1]] = ids[1] if loop else SP["<|assistant_end|>"]
-    return engine.Engine(bigram_params(CFG, chain), CFG, TOK, dtype=F32)
+    return Engine(bigram_params(CFG, chain), CFG, TOK, dtype=F32)
 
 
 @pytest.fixture(scope="module")
 def rand_engine():
-    return engine.Engine(random_params(CFG, seed=3), CFG, TOK, dtype=F32)
+    return Engine(random_params(CFG, seed=3), CFG, TOK, dtype=F32)
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +183,7 @@ def test_streaming_never_splits_utf8():
 
 def test_calculator_forcing_matches_engine():
     """The scheduler forces the tool's output like Engine: `2+3` then the forced `5`."""
-    eng = engine.Engine(bigram_params(CFG, _tool_chain("2+3")), CFG, TOK, dtype=F32)
+    eng = Engine(bigram_params(CFG, _tool_chain("2+3")), CFG, TOK, dtype=F32)
     (want,) = eng.complete([SP["<|bos|>"]], max_tokens=20, temperature=0.0)
     sched = Scheduler(eng, slots=2)
     got = run_sync(sched, [SP["<|bos|>"]], max_tokens=20, temperature=0.0)
@@ -204,7 +204,7 @@ def test_multi_step_scheduler_matches_single_step(rand_engine):
             run_sync(single, prompt, max_tokens=20, temperature=0.0, stop=(stop,))
     finally:
         single.close(), multi.close()
-    tool = Scheduler(engine.Engine(bigram_params(CFG, _tool_chain("2+3")), CFG, TOK, dtype=F32), slots=2,
+    tool = Scheduler(Engine(bigram_params(CFG, _tool_chain("2+3")), CFG, TOK, dtype=F32), slots=2,
                      steps_per_call=4)
     assert run_sync(tool, [SP["<|bos|>"]], max_tokens=20, temperature=0.0) == (["2+35"], ["stop"])
     tool.close()
@@ -574,7 +574,8 @@ SERVE_SCRIPT = """
 import os, sys, time
 sys.path.insert(0, "tests")
 from test_serve import chain_engine
-from serve import app as A, scheduler as S
+from nanochat_jax import scheduler as S
+from serve import app as A
 real, calls, fail_after = S.E.generate_step, [0], int(os.environ.get("FAIL_AFTER", "0"))
 def step(*a, **k):
     time.sleep(0.02)

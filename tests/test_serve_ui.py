@@ -14,9 +14,9 @@ from test_engine import random_params
 from test_serve import CFG, TOK, chain_engine, server  # noqa: F401  (server is a fixture)
 
 from nanochat_jax import engine
-from serve import scheduler as sched_mod
+from nanochat_jax import scheduler as sched_mod
 from serve.app import create_app
-from serve.scheduler import Event, Scheduler
+from nanochat_jax.scheduler import Engine, Event, Scheduler
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 _missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.path.exists(p)]
@@ -98,7 +98,7 @@ def test_greedy_reply_streams_into_the_page(server, browser):  # noqa: F811
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.keys import Keys
 
-    sched = Scheduler(engine.Engine(random_params(CFG, seed=3), CFG, TOK, dtype=jnp.float32), slots=2)
+    sched = Scheduler(Engine(random_params(CFG, seed=3), CFG, TOK, dtype=jnp.float32), slots=2)
     try:
         url = server(create_app(sched, "tiny"))
         want = httpx.post(f"{url}/v1/chat/completions", timeout=30, json={

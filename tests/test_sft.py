@@ -12,7 +12,7 @@ from nanochat_jax import optim, sharding
 from nanochat_jax.checkpoint import Checkpointer
 from nanochat_jax.config import GPTConfig
 from nanochat_jax.data.sft import SFTPackIterDataset, sft_lr_multiplier
-from nanochat_jax.engine import Engine
+from nanochat_jax.scheduler import Engine
 from nanochat_jax.tokenizer import Tokenizer
 from nanochat_jax.train_step import init_train_state, make_train_step
 from train import sft

@@ -202,7 +202,7 @@ def main(argv=None) -> int:
             print(f"{split} bpb: {bpb:.6f} ({len(batches)} batches of {rows}x{T} tokens)")
 
     if "sample" in evals:
-        from nanochat_jax.engine import Engine
+        from nanochat_jax.scheduler import Engine
         from train.base_train import sample
 
         one = jax.device_put(params, jax.local_devices()[0])

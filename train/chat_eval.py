@@ -16,14 +16,13 @@ import argparse
 import json
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 from nanochat_jax.common import DTYPES, resolve_dtype, run_cli, tune_malloc
+from nanochat_jax.evals.chat import BASELINES, categorical_accuracy, chatcore, generative_accuracy, scheduler_sampler
 from nanochat_jax.paths import home_dir
-from nanochat_jax.engine import Engine
-from nanochat_jax.evals.chat import BASELINES, categorical_accuracy, chatcore, generative_accuracy
+from nanochat_jax.scheduler import Engine, Scheduler
 
 TASKS = tuple(BASELINES)
 RUN_ROOTS = {"base": "base_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints",
@@ -51,51 +50,12 @@ def make_task(name: str, data_dir: Path | None = None, source: str = "auto", **s
     raise ValueError(f"unknown task {name!r}; choose from {'|'.join(TASKS)}")
 
 
-def scheduler_sampler(sched, *, num_samples: int = 1, max_tokens: int = 512, temperature: float = 0.0,
-                      top_k: int = 50, seed: int = 42):
-    """complete(prompts) → per prompt, its samples' texts; every prompt is in flight at once, so the
-    scheduler keeps all its slots busy (continuous batching)."""
-    from serve.scheduler import Request
-
-    def complete(prompts):
-        texts = [[""] * num_samples for _ in prompts]
-        left, done = [len(prompts)], threading.Event()
-        lock = threading.Lock()
-
-        def on_event(i):
-            def cb(ev):
-                with lock:
-                    if ev is None:
-                        left[0] -= 1
-                        if not left[0]:
-                            done.set()
-                    else:
-                        texts[i][ev.index] += ev.text
-            return cb
-
-        reqs = []
-        for i, p in enumerate(prompts):
-            # too long for the context: keep the prompt's end and a quarter of the context to answer in
-            p = p[-(sched.max_len - min(max_tokens, sched.max_len // 4)):]
-            room = sched.max_len - len(p)
-            reqs.append(sched.submit(Request(p, on_event(i), max_tokens=min(max_tokens, room), n=num_samples,
-                                             temperature=temperature, top_k=top_k, seed=seed + i)))
-        done.wait()
-        errors = [r.error for r in reqs if r.error]
-        if errors:
-            raise RuntimeError(f"sampling failed: {errors[0]}")
-        return texts
-    return complete
-
-
 def evaluate(engine: Engine, tasks: dict, *, batch_size: int = 8, num_samples: int = 1, max_tokens: int = 512,
              temperature: float = 0.0, top_k: int = 50, max_problems: int = -1, slots: int = 32,
              max_generative: int | None = None, say=print) -> dict:
     """{task: accuracy} plus chatcore / chatcore_cat, for tasks given as {name: Task}.
     max_generative, if given, caps the sampled tasks separately (SFT evaluates all categorical
     problems but only the first 24 generative ones)."""
-    from serve.scheduler import Scheduler
-
     results, sched = {}, None
     try:
         for name, task in tasks.items():
@@ -135,7 +95,7 @@ def model_path(args) -> str:
 
 
 def load_engine_for(args) -> Engine:
-    from serve.app import load_engine
+    from nanochat_jax.checkpoint import load_engine
 
     tok_dir = Path(args.tokenizer_dir) if args.tokenizer_dir else home_dir() / "tokenizer"
     path = args.model_path if getattr(args, "model_path", None) else model_path(args)

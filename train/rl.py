@@ -35,7 +35,7 @@ from nanochat_jax.checkpoint import (COMMIT_MARKER, Checkpointer, CheckpointErro
 from nanochat_jax.common import DTYPES, StopSignals, resolve_dtype, run_cli, tune_malloc
 from nanochat_jax.config import GPTConfig
 from nanochat_jax.paths import home_dir
-from nanochat_jax.engine import Engine
+from nanochat_jax.scheduler import Engine
 from nanochat_jax.report import RunLogger, StepTimer, write_report
 from nanochat_jax.tasks.common import Task
 from nanochat_jax.tokenizer import Tokenizer

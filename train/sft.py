@@ -36,7 +36,7 @@ from nanochat_jax.common import DTYPES, StopSignals, mfu, peak_flops, resolve_dt
 from nanochat_jax.config import GPTConfig
 from nanochat_jax.paths import home_dir
 from nanochat_jax.data.sft import SFTPackIterDataset, sft_lr_multiplier
-from nanochat_jax.engine import Engine
+from nanochat_jax.scheduler import Engine
 from nanochat_jax.evals.bpb import evaluate_bpb
 from nanochat_jax.report import LossEMA, RunLogger, StepTimer, format_step_line, write_report
 from nanochat_jax.tasks.spec import parse_mixture

@@ -5,6 +5,7 @@ generative tasks by sampling and checking, and the ChatCORE aggregate.
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Callable, Sequence
 
 import jax
@@ -16,6 +17,7 @@ from nanochat_jax import model
 from nanochat_jax.common import resolve_dtype
 from nanochat_jax.config import GPTConfig
 from nanochat_jax.evals.core import seq_bucket
+from nanochat_jax.scheduler import Request
 from nanochat_jax.tasks.common import Task
 
 # ChatCORE's chance levels: four-way multiple choice, and 0 for open answers.
@@ -84,6 +86,41 @@ def generative_accuracy(complete: Callable[[list[list[int]]], list[list[str]]], 
         bar.update(len(convs))
     bar.close()
     return passed, n
+
+
+def scheduler_sampler(sched, *, num_samples: int = 1, max_tokens: int = 512, temperature: float = 0.0,
+                      top_k: int = 50, seed: int = 42):
+    """complete(prompts) → per prompt, its samples' texts; every prompt is in flight at once, so the
+    scheduler keeps all its slots busy (continuous batching)."""
+    def complete(prompts):
+        texts = [[""] * num_samples for _ in prompts]
+        left, done = [len(prompts)], threading.Event()
+        lock = threading.Lock()
+
+        def on_event(i):
+            def cb(ev):
+                with lock:
+                    if ev is None:
+                        left[0] -= 1
+                        if not left[0]:
+                            done.set()
+                    else:
+                        texts[i][ev.index] += ev.text
+            return cb
+
+        reqs = []
+        for i, p in enumerate(prompts):
+            # too long for the context: keep the prompt's end and a quarter of the context to answer in
+            p = p[-(sched.max_len - min(max_tokens, sched.max_len // 4)):]
+            room = sched.max_len - len(p)
+            reqs.append(sched.submit(Request(p, on_event(i), max_tokens=min(max_tokens, room), n=num_samples,
+                                             temperature=temperature, top_k=top_k, seed=seed + i)))
+        done.wait()
+        errors = [r.error for r in reqs if r.error]
+        if errors:
+            raise RuntimeError(f"sampling failed: {errors[0]}")
+        return texts
+    return complete
 
 
 def chatcore(accuracies: dict[str, float]) -> dict[str, float]:

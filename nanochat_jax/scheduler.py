@@ -1,12 +1,17 @@
-"""Continuous batching over the engine's jitted core: one host thread owns a DecodeState of S slots.
+"""The one generation host loop (docs/serving.md): continuous batching over engine.py's jitted core.
 
-Requests wait in a bounded queue and are admitted into free slots between decode steps
-(prefill once, insert into n slots), so a request never waits for another to finish. Each
-step advances every running slot by one token (steps_per_call steps per device call); the
-host turns tokens into text per request, with the calculator forcing Engine does, and
-pushes events through a per-request callback.
-The thread is the only one touching device state, so no locks guard it; the queue and
-cancellation flags are the only shared data.
+A Scheduler owns a DecodeState of S slots. Requests wait in a bounded queue and are admitted
+into free slots between decode steps (prefill once, insert into n slots), so a request never
+waits for another to finish. Each step advances every running slot by one token
+(steps_per_call steps per device call); the host runs the calculator tool (an expression
+between <|python_start|> and <|python_end|>, as upstream) and forces
+`<|output_start|> result <|output_end|>` into the row, turns tokens into text per request and
+pushes events through a per-request callback (or, for Engine, hands over the raw tokens).
+
+The server runs the loop on its own thread (the only one touching device state, so no locks
+guard it; the queue and cancellation flags are the only shared data). Engine, upstream's
+generate / complete API, drives a private Scheduler on the caller's thread (thread=False),
+so every generation in the project goes through the same admission, forcing and seeds.
 
 Robustness: `submit` checks every field's range, and anything that goes wrong while one
 request is admitted or its tokens are turned into text fails that request alone. Only a
@@ -16,7 +21,9 @@ turns False and the `on_death` callbacks run (the server exits so a supervisor r
 
 from __future__ import annotations
 
+import ast
 import collections
+import itertools
 import logging
 import math
 import secrets
@@ -30,8 +37,80 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanochat_jax import engine as E
+from nanochat_jax.common import resolve_dtype
+from nanochat_jax.config import GPTConfig
 
 log = logging.getLogger("nanochat.serve")
+
+
+# ---- calculator tool ------------------------------------------------------------------------
+
+_ARITH_CHARS = set("0123456789*+-/.() ")
+_COUNT_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789'\"()._ ")
+_BIN_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+            ast.Div: lambda a, b: a / b, ast.FloorDiv: lambda a, b: a // b}
+_MAX_DIGITS = 1000  # bounds the work a chain of multiplications can ask for
+
+
+def _eval_node(node):
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return node.value
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
+        x = _eval_node(node.operand)
+        return x if isinstance(node.op, ast.UAdd) else -x
+    if isinstance(node, ast.BinOp) and type(node.op) in _BIN_OPS:
+        out = _BIN_OPS[type(node.op)](_eval_node(node.left), _eval_node(node.right))
+        if isinstance(out, int) and abs(out).bit_length() > 3.33 * _MAX_DIGITS:
+            raise ValueError("result too large")
+        return out
+    raise ValueError(f"disallowed syntax {type(node).__name__}")
+
+
+def use_calculator(expr: str):
+    """Upstream's calculator without eval: arithmetic (+ - * / // and parentheses, no **) or
+    the string form '<str>.count(<str>)'. Anything else, or any error, gives None."""
+    expr = expr.replace(",", "")
+    try:
+        tree = ast.parse(expr.strip(), mode="eval").body
+        if set(expr) <= _ARITH_CHARS:
+            return None if "**" in expr else _eval_node(tree)
+        if set(expr) <= _COUNT_CHARS and ".count(" in expr:
+            if (isinstance(tree, ast.Call) and isinstance(tree.func, ast.Attribute) and tree.func.attr == "count"
+                    and isinstance(tree.func.value, ast.Constant) and isinstance(tree.func.value.value, str)
+                    and len(tree.args) == 1 and not tree.keywords
+                    and isinstance(tree.args[0], ast.Constant) and isinstance(tree.args[0].value, str)):
+                return tree.func.value.value.count(tree.args[0].value)
+    except (SyntaxError, ValueError, ZeroDivisionError, OverflowError, RecursionError, MemoryError, TypeError):
+        return None
+    return None
+
+
+def tool_output(expr_ids: list, sp: dict, tokenizer) -> list:
+    """The tokens forced after a calculator call: none when it gives no result or when anything
+    in the tool path raises, since this runs on the scheduler thread and must never end it."""
+    try:
+        result = use_calculator(tokenizer.decode(expr_ids))
+        if result is None:
+            return []
+        return [sp["<|output_start|>"], *tokenizer.encode(str(result)), sp["<|output_end|>"]]
+    except Exception:  # noqa: BLE001 - a tool error is "no result", never a dead server
+        return []
+
+
+class _ToolRow:
+    """One row's calculator state machine and its queue of forced tokens."""
+
+    def __init__(self):
+        self.in_python, self.expr, self.forced = False, [], collections.deque()
+
+    def see(self, token: int, sp: dict, tokenizer) -> None:
+        if token == sp["<|python_start|>"]:
+            self.in_python, self.expr = True, []
+        elif token == sp["<|python_end|>"] and self.in_python:
+            self.in_python = False
+            self.forced.extend(tool_output(self.expr, sp, tokenizer))
+        elif self.in_python:
+            self.expr.append(token)
 
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # any signed or unsigned 64-bit seed; all 64 bits are used
 MAX_TEMPERATURE = 100.0
@@ -62,7 +141,7 @@ class Event(NamedTuple):
 
 @dataclass
 class _Choice:
-    tool: E._ToolRow = field(default_factory=E._ToolRow)
+    tool: _ToolRow = field(default_factory=_ToolRow)
     tokens: list = field(default_factory=list)
     ends: list = field(default_factory=list)  # decoded text length after each token (for logprobs)
     pending: list = field(default_factory=list)  # logprob entries not yet sent
@@ -78,6 +157,8 @@ class Request:
     on_event is called from the scheduler thread with an Event, and with None once every
     choice has finished (or the request failed: then `error` is set).
     output_guard, when set, makes one filter per choice (see nanochat_jax.safety.OutputGuard).
+    on_token, when set, takes each token instead of its text (Engine's columns):
+    on_token(tick, choice, token, finish code, forced); tokens of one device step share a tick.
     """
 
     prompt: list
@@ -95,6 +176,7 @@ class Request:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     output_guard: Callable | None = None
+    on_token: Callable | None = None
     cancelled: bool = False
     error: str | None = None
     completion_tokens: int = 0
@@ -146,10 +228,11 @@ def seed_key_data(seed: int | None) -> np.ndarray:
 class Scheduler:
     """Owns the decode loop thread; `submit` and `cancel` are safe from any thread."""
 
-    def __init__(self, engine: E.Engine, slots: int = 8, max_queue: int = 32, max_len: int | None = None,
-                 steps_per_call: int = 1):
+    def __init__(self, engine: Engine, slots: int = 8, max_queue: int = 32, max_len: int | None = None,
+                 steps_per_call: int = 1, thread: bool = True):
         """steps_per_call > 1 decodes that many tokens per device call (E.generate_steps): less
-        dispatch and host sync per token; a new request or a cancel waits for the call to end."""
+        dispatch and host sync per token; a new request or a cancel waits for the call to end.
+        thread=False starts no thread: the caller turns the loop with run_once()."""
         self.engine, self.slots, self.max_queue = engine, slots, max_queue
         self.steps_per_call = steps_per_call
         self.max_len = max_len or engine.config.sequence_len
@@ -165,15 +248,17 @@ class Scheduler:
         self._closed = False
         self.failure: str | None = None  # why the loop died, if it did
         self._death_callbacks: list = []
-        self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
-        self._thread.start()
+        self._ticks = 0  # device calls that produced tokens (admissions and decode steps)
+        self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True) if thread else None
+        if thread:
+            self._thread.start()
 
     # ---- any thread -----------------------------------------------------------------
 
     @property
     def alive(self) -> bool:
         """False once the loop has died or been closed: serve 503 and restart."""
-        return self.failure is None and not self._closed and self._thread.is_alive()
+        return self.failure is None and not self._closed and (self._thread is None or self._thread.is_alive())
 
     def on_death(self, callback: Callable[[str], None]) -> None:
         """Call `callback(reason)` (from the scheduler thread) if the loop dies of an error."""
@@ -242,7 +327,7 @@ class Scheduler:
         with self._cv:
             self._closed = True
             self._cv.notify()
-        if threading.current_thread() is not self._thread:
+        if self._thread is not None and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
     # ---- scheduler thread ---------------------------------------------------------------
@@ -263,10 +348,7 @@ class Scheduler:
                     except Exception as e:  # reported to the caller, the loop goes on
                         box["error"] = e
                     done.set()
-                self._drop_cancelled()
-                self._admit()
-                if (self._finish == E.RUNNING).any():
-                    self._step()
+                self.run_once()
         except BaseException as e:  # noqa: BLE001  (even SystemExit: fail every request, never hang them)
             reason = f"decode loop died: {type(e).__name__}: {e}"
             self.failure = reason
@@ -284,6 +366,13 @@ class Scheduler:
                         cb(self.failure)
                     except Exception:  # noqa: BLE001
                         log.exception("on_death callback failed")
+
+    def run_once(self):
+        """One turn of the loop: drop cancelled requests, admit waiting ones, one decode call."""
+        self._drop_cancelled()
+        self._admit()
+        if (self._finish == E.RUNNING).any():
+            self._step()
 
     def _fail_all(self, message: str):
         with self._cv:
@@ -329,17 +418,22 @@ class Scheduler:
                 continue
             admitted += free[:req.n]
         if admitted:
+            self._ticks += 1
             tokens, finish = np.asarray(self.state.last_token_S), np.asarray(self.state.finish_S)
             lps = self._logprob_arrays(admitted)
             for s in admitted:
                 if self._owner[s] is None:  # its request already failed on an earlier slot
                     continue
                 self._finish[s] = finish[s]
-                self._take_safely(s, int(tokens[s]), int(finish[s]), lps and tuple(a[s] for a in lps))
+                self._take_safely(s, int(tokens[s]), int(finish[s]), lps and tuple(a[s] for a in lps), False)
 
     def _place(self, req: Request, slots: list):
-        """Prefill once, insert into `slots`; as Engine, choice i samples with fold_in(seed, i)."""
-        prefix = self.engine.prefill(req.prompt, self.max_len)
+        """Prefill once, insert into `slots`; choice i samples with fold_in(seed, i)."""
+        n = len(req.prompt)
+        padded = np.zeros((1, E.bucket_length(n, self.max_len)), np.int32)
+        padded[0, :n] = req.prompt
+        prefix = E.prefill(self.engine.params, jnp.asarray(padded), n, config=self.engine.config,
+                           dtype=self.engine.dtype)
         base = jax.random.wrap_key_data(jnp.asarray(seed_key_data(req.seed)))
         bias_V = np.zeros(self.vocab_size, np.float32)
         for tok, b in (req.logit_bias or {}).items():
@@ -371,20 +465,22 @@ class Scheduler:
             self.state, tokens, finish = E.generate_step(self.state, self.engine.params, jnp.asarray(forced[0]),
                                                          config=self.engine.config, dtype=self.engine.dtype)
             lps = self._logprob_arrays(running)
-            steps = [(np.asarray(tokens), np.asarray(finish), None, lps)]
+            steps = [(np.asarray(tokens), np.asarray(finish), None, lps, forced[0])]
         else:
             self.state, tokens, finish, fresh, lps = E.generate_steps(
                 self.state, self.engine.params, jnp.asarray(forced), self.engine.special["<|python_end|>"],
                 config=self.engine.config, dtype=self.engine.dtype)
             wants = any(self._owner[s] and self._owner[s][0].logprobs for s in running)
             lps = list(zip(*(np.asarray(a) for a in lps))) if wants else [None] * n
-            steps = list(zip(np.asarray(tokens), np.asarray(finish), np.asarray(fresh), lps))
+            steps = list(zip(np.asarray(tokens), np.asarray(finish), np.asarray(fresh), lps, forced))
         owners = {s: self._owner[s] for s in running}
-        for tokens, finish, fresh, lp in steps:
+        for tokens, finish, fresh, lp, forced_S in steps:
+            self._ticks += 1
             for s in running:  # a slot the host ended mid-call (stop string) ignores its later tokens
                 if (fresh is None or fresh[s]) and self._owner[s] is not None and self._owner[s] is owners[s]:
                     self._finish[s] = finish[s]
-                    self._take_safely(s, int(tokens[s]), int(finish[s]), lp and tuple(a[s] for a in lp))
+                    self._take_safely(s, int(tokens[s]), int(finish[s]), lp and tuple(a[s] for a in lp),
+                                      bool(forced_S[s] >= 0))
 
     def _warmup(self) -> float:
         if self.busy_slots() or self._waiting:
@@ -401,14 +497,14 @@ class Scheduler:
         self._step()  # every slot free: a full decode call that changes nothing
         return time.perf_counter() - t0
 
-    def _take_safely(self, s: int, token: int, finish: int, lp):
+    def _take_safely(self, s: int, token: int, finish: int, lp, forced: bool):
         req = self._owner[s][0]
         try:
-            self._take(s, token, finish, lp)
+            self._take(s, token, finish, lp, forced)
         except Exception as e:  # noqa: BLE001  (e.g. a listener or filter bug: fail this request only)
             self._fail(req, f"{type(e).__name__}: {e}")
 
-    def _take(self, s: int, token: int, finish: int, lp):
+    def _take(self, s: int, token: int, finish: int, lp, forced: bool):
         """Account a slot's new token: calculator state, text, stop strings, output filter, finish."""
         req, i = self._owner[s]
         ch = req.choices[i]
@@ -416,6 +512,12 @@ class Scheduler:
         if finish != E.STOP:  # the stop token itself is not part of the reply
             ch.tokens.append(token)
             req.completion_tokens += 1
+        if req.on_token is not None:  # the caller wants tokens, not text
+            req.on_token(self._ticks, i, token, finish, forced)
+            if finish != E.RUNNING:
+                self._emit(req, i, "", E.FINISH_REASONS[finish])
+                self._free(s)
+            return
         text = self.engine.tokenizer.decode(ch.tokens)
         if finish != E.STOP and req.logprobs and lp is not None:
             ch.ends.append(len(text))
@@ -463,6 +565,87 @@ class Scheduler:
             self.state = self.state._replace(finish_S=self.state.finish_S.at[s].set(E.FREE))
         self._finish[s] = E.FREE
         self._owner[s] = None
+
+
+# ---- Engine: upstream's API over the same loop -----------------------------------------------------
+
+class Completion(NamedTuple):
+    tokens: list  # generated ids, without the stop token
+    masks: list  # 1 sampled, 0 forced
+    finish_reason: str  # "stop" or "length"
+
+
+class Engine:
+    """Streaming generation over the jitted core (upstream's Engine API, plus top_p). Each call
+    turns a private Scheduler on this thread: one prefill, num_samples slots, no queue wait."""
+
+    def __init__(self, params, config: GPTConfig, tokenizer, dtype=None, steps_per_call: int = 1):
+        """steps_per_call > 1 decodes that many tokens per device call (generate_steps):
+        fewer dispatches and host syncs, at the cost of up to that many wasted steps at the end."""
+        # host (numpy) params go to the device once here, not on every jitted call
+        params = jax.tree.map(lambda a: a if isinstance(a, jax.Array) else jnp.asarray(a), params)
+        self.params, self.config, self.tokenizer = params, config, tokenizer
+        self.dtype = resolve_dtype(dtype)
+        self.steps_per_call = steps_per_call
+        names = ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>",
+                 "<|assistant_end|>", "<|bos|>")
+        self.special = {s: tokenizer.encode_special(s) for s in names}
+        self.stop_ids = (self.special["<|assistant_end|>"], self.special["<|bos|>"])
+
+    def _stream(self, tokens, num_samples, max_tokens, temperature, top_k, top_p, seed):
+        """Yields (token column, masks, fresh, finish codes) per step that produced a token;
+        fresh marks the rows that did."""
+        if not tokens:
+            raise ValueError("generate needs at least one prompt token")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        n = len(tokens)
+        cap = self.config.sequence_len if max_tokens is None else n + max_tokens
+        if n >= cap:
+            raise ValueError(f"prompt of {n} tokens leaves no room under the {cap}-token limit")
+        max_len = -(-cap // 128) * 128  # round up so nearby requests share one compile
+        sched = Scheduler(self, slots=num_samples, max_len=max_len, steps_per_call=self.steps_per_call, thread=False)
+        got = []
+        req = sched.submit(Request(list(tokens), lambda ev: None, max_tokens=cap - n, n=num_samples,
+                                   temperature=temperature, top_k=top_k or 0, top_p=1.0 if top_p is None else top_p,
+                                   seed=seed, on_token=lambda *a: got.append(a)))
+        column, finish = [0] * num_samples, [E.RUNNING] * num_samples
+        while not all(ch.done for ch in req.choices):
+            sched.run_once()
+            if req.error:
+                raise RuntimeError(req.error)
+            for _, step in itertools.groupby(got, key=lambda a: a[0]):
+                masks, fresh = [0] * num_samples, [False] * num_samples
+                for _, r, token, code, forced in step:
+                    column[r], finish[r], fresh[r], masks[r] = token, code, True, int(not forced)
+                yield list(column), masks, fresh, list(finish)
+            got.clear()
+
+    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None, seed=42):
+        """Yields (token_column, token_masks) per step; mask 0 = forced (or an already finished row)."""
+        for column, masks, _, _ in self._stream(tokens, num_samples, max_tokens, temperature, top_k, top_p, seed):
+            yield column, masks
+
+    def complete(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None,
+                 seed=42) -> list[Completion]:
+        """Run to the end: each row's generated tokens (stop token excluded) and finish reason."""
+        out = [([], []) for _ in range(num_samples)]
+        finish = [E.RUNNING] * num_samples
+        stop = set(self.stop_ids)
+        for column, masks, fresh, finish in self._stream(tokens, num_samples, max_tokens, temperature, top_k, top_p,
+                                                         seed):
+            for r in range(num_samples):
+                if fresh[r] and column[r] not in stop:
+                    out[r][0].append(column[r])
+                    out[r][1].append(masks[r])
+        return [Completion(t, m, E.FINISH_REASONS.get(f, "length")) for (t, m), f in zip(out, finish)]
+
+    def generate_batch(self, tokens, num_samples=1, **kw):
+        """Upstream's (results, masks): prompt + generated ids per row, masks 0 on prompt and forced tokens."""
+        done = self.complete(tokens, num_samples, **kw)
+        return [list(tokens) + c.tokens for c in done], [[0] * len(tokens) + c.masks for c in done]
 
 
 def _notify(req: Request, event):
