@@ -1,31 +1,34 @@
-"""The host loop every training stage shares: base_train, SFT, DPO and RL.
+"""The host loop base_train, SFT, DPO and RL share, and the start and end of their runs.
 
-Each pass, as upstream: stop (on SIGINT/SIGTERM, with a final checkpoint), evaluate, save on the
-cadence, and unless it is the last pass take one optimizer step, timed, with the EMA of the loss
-and one step line (or a progress bar on a TTY) and a metrics.jsonl record. A stage supplies only
-what is its own: its data and step, its evals, its step line and its checkpoint meta. See
-docs/training.md for run directories, resume and stop signals.
+Each pass, as upstream: stop on SIGINT/SIGTERM (with a final checkpoint), evaluate, save on the
+cadence, then, unless it is the last pass, one timed optimizer step with the loss EMA, a step line
+(or a bar on a TTY) and a metrics.jsonl record. A stage passes only what is its own: data and
+step, evals, step line, checkpoint meta. Run directories, resume and stops: docs/training.md.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
+import jax
+import numpy as np
+
+from nanochat_jax import sharding
 from nanochat_jax.checkpoint import COMMIT_MARKER, Checkpointer, CheckpointError
+from nanochat_jax.common import tune_malloc
+from nanochat_jax.data.dataset import home_dir
 from nanochat_jax.report import LossEMA, StepTimer
 
 STOP_SAVE_TIMEOUT_S = float(os.environ.get("NANOCHAT_STOP_SAVE_TIMEOUT", 300))  # final save on SIGINT/SIGTERM
 
 
-@dataclasses.dataclass
-class StepInfo:
+class StepInfo(NamedTuple):
     """What the loop measured about one step, for the stage's step line."""
     step: int
     dt: float  # seconds, data included
@@ -41,13 +44,11 @@ def run(step: int, *, done: Callable[[int], bool], train: Callable[[int], dict],
         stop=None, timing_skip: int = 1, hint: str = "continue with --resume") -> tuple[int, float]:
     """Runs from `step` until done(step); returns (the final step, the final EMA loss).
 
-    train(step) takes one optimizer step and returns its host metrics ("loss" feeds the EMA);
-    show(info, metrics) -> (step line, bar postfix, scalars to log). evaluate(step, last) runs the
-    stage's evals. save(step) writes a checkpoint: at the end and every save_every steps, never at
-    on_disk (the step resumed from, already there). loop (total_training_time, ema_smooth, ema_n)
-    is updated in place, for the checkpoint meta. total_training_time leaves out the first
-    timing_skip steps (compilation and warm-up), the ETA the first one.
-    """
+    train(step): one optimizer step → host metrics ("loss" feeds the EMA); show(info, metrics) →
+    (step line, bar postfix, scalars to log); evaluate(step, last): the stage's evals; save(step):
+    at the end and every save_every steps, never at on_disk (the step resumed from). loop
+    (total_training_time, ema_smooth, ema_n) is updated in place for the checkpoint meta; its time
+    leaves out the first timing_skip steps (compilation, warm-up), the ETA the first one."""
     start = step
     ema = LossEMA(beta=0.9, smooth=loop.get("ema_smooth", 0.0), n=loop.get("ema_n", 0))
     loop.setdefault("total_training_time", 0.0)
@@ -84,6 +85,33 @@ def run(step: int, *, done: Callable[[int], bool], train: Callable[[int], dict],
         step += 1
     bar.close()
     return step, ema.value
+
+
+def start_run(args, check, *distributed) -> bool:
+    """A training CLI's start: args checked (one-line error), host memory tuned before the backend
+    starts (common.tune_malloc), the processes joined, the compile cache on. Whether this is the main process."""
+    try:
+        check(args)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    tune_malloc()
+    sharding.initialize_distributed(*distributed)  # multi-host: flags, else NANOCHAT_COORDINATOR etc.
+    jax.config.update("jax_compilation_cache_dir", str(home_dir() / "jax_cache"))  # persistent compile cache
+    return sharding.is_main_process()
+
+
+def any_process(flag: bool) -> bool:
+    """Whether `flag` holds on any process (upstream all-reduces last_step with MAX): all stop together."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
+def next_batch(data_iter, grad_accum: int, batch_sh):
+    """grad_accum micro-batches of a stage's loader → (the host batches, inputs_ABT, targets_ABT on the mesh)."""
+    micro = [next(data_iter) for _ in range(grad_accum)]
+    return micro, *(sharding.global_batch(np.stack([b[k] for b in micro]), batch_sh) for k in ("inputs", "targets"))
 
 
 def open_checkpointer(out_dir: Path, keep: int) -> Checkpointer:

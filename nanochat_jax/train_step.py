@@ -44,36 +44,33 @@ def init_train_state(config: GPTConfig, tx: optax.GradientTransformation, mesh: 
 
 
 def jit_train_step(config: GPTConfig, tx: optax.GradientTransformation, mesh: Mesh, *, dtype=None, backend=None):
-    """The jitted step(state, inputs_ABT, targets_ABT, weights_ABT, lrm) -> (state, {"loss"}), A = micro-steps;
-    make_train_step calls it under the mesh, bench/sharding.py lowers it for its memory analysis.
+    """The jitted step(state, inputs_ABT, targets_ABT, weights_ABT, lrm) -> (state, {"loss"}), A = micro-steps,
+    to call under the mesh (make_train_step does; bench/sharding.py lowers it).
 
     weights_ABT None: the loss is the mean over micro-steps of each micro-batch's mean loss, like
-    nanochat's loss/grad_accum. Otherwise it is Σ over every micro-step and token of CE·weight
-    (RL's advantage-weighted objective; the weights carry the whole normalization).
-    lrm None: the optimizer's update as it is; a scalar multiplies it (a host-side LR multiplier,
-    e.g. SFT's progress-based schedule). Exact, since every nanochat update, decoupled weight
-    decay included, is proportional to its LR. Gradients accumulate in fp32. None is part of the
-    trace, so each stage compiles one variant.
+    nanochat's loss/grad_accum; else Σ over every micro-step and token of CE·weight (RL's
+    advantage-weighted objective; the weights carry the whole normalization). lrm None: the update
+    as it is; else times lrm, a host-side LR multiplier (SFT's schedule), exact since every nanochat
+    update, decoupled weight decay included, is proportional to its LR. Gradients accumulate in fp32.
     """
     dtype = resolve_dtype(dtype)
     state_sh = train_state_shardings(config, tx, mesh, dtype)
     batch_sh = sharding.batch_sharding(mesh, leading=1)
     replicated = NamedSharding(mesh, P())
 
-    def micro_loss(params, inputs_BT, targets_BT, weights_BT):
-        if weights_BT is None:
-            return model.loss_fn(params, inputs_BT, targets_BT, config, dtype=dtype, backend=backend)
-        nll = model.loss_fn(params, inputs_BT, targets_BT, config, reduction="none", dtype=dtype, backend=backend)
-        return jnp.sum(nll * weights_BT.reshape(-1).astype(jnp.float32))
-
     def step(state: TrainState, inputs_ABT, targets_ABT, weights_ABT, lrm):
         weighted = weights_ABT is not None
+
+        def micro_loss(params, inputs_BT, targets_BT, weights_BT):
+            if not weighted:
+                return model.loss_fn(params, inputs_BT, targets_BT, config, dtype=dtype, backend=backend)
+            nll = model.loss_fn(params, inputs_BT, targets_BT, config, reduction="none", dtype=dtype, backend=backend)
+            return jnp.sum(nll * weights_BT.reshape(-1).astype(jnp.float32))
         grad_fn = jax.value_and_grad(micro_loss)
 
         def micro(carry, xyw):
             grads_acc, loss_acc = carry
-            x_BT, y_BT, w_BT = xyw
-            loss, grads = grad_fn(state.params, x_BT, y_BT, w_BT if weighted else None)
+            loss, grads = grad_fn(state.params, *xyw)
             grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
             return (grads_acc, loss_acc + loss), None
 

@@ -23,20 +23,18 @@ import sys
 from pathlib import Path
 
 import jax
-import numpy as np
 from tqdm import tqdm
 
 from nanochat_jax import attention, flops, model, optim, scaling, sharding
 from nanochat_jax.checkpoint import RunDirError, abstract_train_state, prepare_run_dir
-from nanochat_jax.common import (DTYPES, StopSignals, check_model_fits, mfu, need, peak_flops, resolve_dtype, run_cli,
-                                 tune_malloc)
+from nanochat_jax.common import (DTYPES, StopSignals, check_model_fits, mfu, need, peak_flops, resolve_dtype, run_cli)
 from nanochat_jax.config import config_for_depth
 from nanochat_jax.convert import export_nanochat_checkpoint, torch_available
 from nanochat_jax.data.dataset import check_parquet, home_dir
 from nanochat_jax.data.pipeline import pretrain_loader, val_batches
 from nanochat_jax.evals import core as core_eval
 from nanochat_jax.evals.bpb import evaluate_bpb
-from nanochat_jax.loop import open_checkpointer, removed_on_failure, resume, run
+from nanochat_jax.loop import next_batch, open_checkpointer, removed_on_failure, resume, run, start_run
 from nanochat_jax.report import RunLogger, format_step_line, write_report
 from nanochat_jax.tokenizer import Tokenizer
 from nanochat_jax.train_step import init_train_state, make_train_step
@@ -185,14 +183,7 @@ def sample(params, config, tok, dtype, backend, max_tokens=16) -> list[str]:
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        check_args(args)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    tune_malloc()  # before the backend starts: reuse freed host memory (common.tune_malloc)
-    sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    main_proc = sharding.is_main_process()
-    jax.config.update("jax_compilation_cache_dir", str(home_dir() / "jax_cache"))  # persistent compile cache
+    main_proc = start_run(args, check_args, args.coordinator, args.num_processes, args.process_id)
 
     tag = args.model_tag or f"d{args.depth}"
     out_dir = Path(args.out_dir) if args.out_dir else home_dir() / "base_checkpoints" / tag
@@ -302,9 +293,7 @@ def _train(args, tag, out_dir, data_dir, tok, dtype, config, mesh, plan, main_pr
 
     def train(step):
         nonlocal state
-        micro = [next(train_iter) for _ in range(plan.grad_accum)]
-        inputs = sharding.global_batch(np.stack([b["inputs"] for b in micro]), batch_sh)
-        targets = sharding.global_batch(np.stack([b["targets"] for b in micro]), batch_sh)
+        micro, inputs, targets = next_batch(train_iter, plan.grad_accum, batch_sh)
         state, metrics = train_step(state, inputs, targets)
         return {"loss": float(metrics["loss"])}
 

@@ -36,14 +36,14 @@ from tqdm import tqdm
 from nanochat_jax import optim, sharding
 from nanochat_jax.checkpoint import (Checkpointer, RunDirError, abstract_train_state, checkpoint_dir, newest_run,
                                      prepare_run_dir)
-from nanochat_jax.common import resolve_dtype, tune_malloc
+from nanochat_jax.common import need, resolve_dtype
 from nanochat_jax.config import GPTConfig
 from nanochat_jax.data.dataset import home_dir
 from nanochat_jax.data.preference import PreferencePairIterDataset, parse_preference_mixture, render_pair
 from nanochat_jax.data.sft import SFTPackIterDataset, sft_lr_multiplier
 from nanochat_jax.dpo import LOSSES, check_hparams, make_dpo_step, make_logps_fn
 from nanochat_jax.evals.bpb import evaluate_bpb
-from nanochat_jax.loop import add_run_args, open_checkpointer, run
+from nanochat_jax.loop import add_run_args, any_process, next_batch, open_checkpointer, run, start_run
 from nanochat_jax.report import RunLogger, _plot, _series, read_metrics, write_report
 from nanochat_jax.tasks.spec import parse_mixture
 from nanochat_jax.tokenizer import Tokenizer
@@ -92,6 +92,11 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+def check_args(args) -> None:
+    check_hparams(args.loss, args.beta, args.label_smoothing)
+    need(args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}")
+
+
 def load_start(args):
     """(host params, config, meta, checkpoint dir) of the SFT/RL checkpoint DPO starts from."""
     try:
@@ -115,10 +120,6 @@ def _allsum(values: np.ndarray) -> np.ndarray:
         return values
     from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(values)).sum(axis=0)
-
-
-def _any_process(flag: bool) -> bool:
-    return bool(_allsum(np.asarray([float(flag)]))[0] > 0)
 
 
 class PairEval:
@@ -165,16 +166,10 @@ def pref_metrics(policy_N2: np.ndarray, ref_N2: np.ndarray, beta: float) -> dict
 
 def main(argv=None):
     args = parse_args(argv)
-    tune_malloc()  # before the backend starts: reuse freed host memory (common.tune_malloc)
-    sharding.initialize_distributed()
-    jax.config.update("jax_compilation_cache_dir", str(home_dir() / "jax_cache"))
-    main_proc = sharding.is_main_process()
+    main_proc = start_run(args, check_args)
     say = print if main_proc else (lambda *a, **k: None)
     dtype = resolve_dtype(args.dtype)
     try:
-        check_hparams(args.loss, args.beta, args.label_smoothing)
-        if args.epochs < 1:
-            raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
         tok = Tokenizer.load(Path(args.tokenizer_dir) if args.tokenizer_dir else home_dir() / "tokenizer")
         mesh = sharding.make_mesh(args.mesh)
     except (ValueError, FileNotFoundError, OSError) as e:
@@ -311,12 +306,10 @@ def main(argv=None):
 
     def train(step):
         nonlocal state, batch
-        micro = [next(train_iter) for _ in range(grad_accum)]
+        micro, inputs, targets = next_batch(train_iter, grad_accum, batch_sh)
         batch = micro[-1]
-        inputs = sharding.global_batch(np.stack([b["inputs"] for b in micro]), batch_sh)
-        targets = sharding.global_batch(np.stack([b["targets"] for b in micro]), batch_sh)
         lrm = sft_lr_multiplier((step + 1) / num_steps, args.warmdown_ratio, args.final_lr_frac)
-        fresh = _any_process(any(b["ref_logps"] is None for b in micro))
+        fresh = any_process(any(b["ref_logps"] is None for b in micro))
         ref = reference if fresh else sharding.global_batch(np.stack([b["ref_logps"] for b in micro]), ref_sh)
         state, metrics = steps[fresh](state, ref, inputs, targets, lrm)
         metrics = jax.device_get(metrics)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from nanochat_jax import optim, sharding
 from nanochat_jax.checkpoint import (Checkpointer, CheckpointError, RunDirError, check_writable, checkpoint_dir,
                                      load_params, newest_run, prepare_run_dir)
-from nanochat_jax.common import DTYPES, StopSignals, resolve_dtype, run_cli, tune_malloc
+from nanochat_jax.common import DTYPES, StopSignals, need, resolve_dtype, run_cli, tune_malloc
 from nanochat_jax.config import GPTConfig
 from nanochat_jax.data.dataset import home_dir
 from nanochat_jax.engine import Engine
@@ -62,16 +62,13 @@ class RLConfig:
         """Ranges (ValueError), so a typo fails before any model or task is loaded."""
         for name in ("num_epochs", "examples_per_step", "num_samples", "device_batch_size", "max_new_tokens",
                      "eval_examples"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.num_steps != -1 and self.num_steps < 1:
-            raise ValueError(f"--num-steps must be >= 1, or -1 for num_epochs over the task; got {self.num_steps}")
+            need(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        need(self.num_steps == -1 or self.num_steps >= 1,
+             f"--num-steps must be >= 1, or -1 for num_epochs over the task; got {self.num_steps}")
         for name in ("temperature", "top_k", "embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr", "init_lr_frac"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if self.num_samples % self.device_batch_size:
-            raise ValueError(f"--num-samples {self.num_samples} must be a multiple of --device-batch-size "
-                             f"{self.device_batch_size}")
+            need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        need(self.num_samples % self.device_batch_size == 0,
+             f"--num-samples {self.num_samples} must be a multiple of --device-batch-size {self.device_batch_size}")
 
 
 def rollout_batch(engine: Engine, conv: dict, task: Task, cfg: RLConfig, seed: int, seq_len: int, pad_id: int):
@@ -233,8 +230,7 @@ def main(argv=None):
     cfg = RLConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RLConfig)})
     try:
         cfg.check()
-        if args.dtype is not None and args.dtype not in DTYPES:
-            raise ValueError(f"--dtype {args.dtype!r} is not one of {sorted(DTYPES)}")
+        need(args.dtype is None or args.dtype in DTYPES, f"--dtype {args.dtype!r} is not one of {sorted(DTYPES)}")
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     tune_malloc()  # before the backend starts: reuse freed host memory (common.tune_malloc)

@@ -24,19 +24,19 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from tqdm import tqdm
 
 from nanochat_jax import attention, flops, optim, sharding
 from nanochat_jax.checkpoint import (Checkpointer, CheckpointError, CheckpointMismatchError, RunDirError,
                                      abstract_train_state, checkpoint_dir, newest_run, prepare_run_dir)
-from nanochat_jax.common import DTYPES, StopSignals, mfu, need, peak_flops, resolve_dtype, run_cli, tune_malloc
+from nanochat_jax.common import DTYPES, StopSignals, mfu, need, peak_flops, resolve_dtype, run_cli
 from nanochat_jax.config import GPTConfig
 from nanochat_jax.data.dataset import home_dir
 from nanochat_jax.data.sft import SFTPackIterDataset, sft_lr_multiplier
 from nanochat_jax.engine import Engine
 from nanochat_jax.evals.bpb import evaluate_bpb
-from nanochat_jax.loop import add_run_args, open_checkpointer, removed_on_failure, resume, run
+from nanochat_jax.loop import (add_run_args, any_process, next_batch, open_checkpointer, removed_on_failure, resume, run,
+                               start_run)
 from nanochat_jax.report import RunLogger, format_step_line, write_report
 from nanochat_jax.tasks.spec import parse_mixture
 from nanochat_jax.tokenizer import Tokenizer
@@ -173,14 +173,7 @@ def _restart_muon_count(opt_state):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        check_args(args)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    tune_malloc()  # before the backend starts: reuse freed host memory (common.tune_malloc)
-    sharding.initialize_distributed()  # multi-host: flags via NANOCHAT_COORDINATOR etc. (runs/gpu_multinode.sh)
-    jax.config.update("jax_compilation_cache_dir", str(home_dir() / "jax_cache"))
-    main_proc = sharding.is_main_process()
+    main_proc = start_run(args, check_args)
     say = print if main_proc else (lambda *a, **k: None)
     # cheap checks first (tokenizer, base checkpoint, run dir), then the task data (may download)
     try:
@@ -275,15 +268,13 @@ def _train(args, tok, dtype, mesh, train_tasks, val_tasks, main_proc, say, out_d
     flops_per_token, peak = flops.estimate_flops(config), peak_flops()
 
     def save(step):
-        meta = {"step": step, "val_bpb": val_bpb, "model_config": config.to_dict(),
-                "user_config": vars(args),
-                "inherited": inh, "base": {"step": base_meta.get("step")}, "max_seq_len": T,
-                "device_batch_size": inh["device_batch_size"], "total_batch_size": inh["total_batch_size"],
-                "loop_state": dict(loop)}
+        meta = {"step": step, "val_bpb": val_bpb, "model_config": config.to_dict(), "user_config": vars(args),
+                "inherited": inh, "base": {"step": base_meta.get("step")}, "max_seq_len": T, "loop_state": dict(loop),
+                "device_batch_size": inh["device_batch_size"], "total_batch_size": inh["total_batch_size"]}
         ckpt.save(step, state, data_iterator=train_iter, meta=meta)
 
     def done(step):
-        return _any_process(step >= args.num_iterations if args.num_iterations > 0 else loop["consumed"] >= n_convs)
+        return any_process(step >= args.num_iterations if args.num_iterations > 0 else loop["consumed"] >= n_convs)
 
     def evaluate(step, last):
         nonlocal val_bpb
@@ -300,12 +291,10 @@ def _train(args, tok, dtype, mesh, train_tasks, val_tasks, main_proc, say, out_d
 
     def train(step):
         nonlocal state
-        micro = [next(train_iter) for _ in range(grad_accum)]
+        micro, inputs, targets = next_batch(train_iter, grad_accum, batch_sh)
         loop["consumed"] = micro[-1]["consumed"]
         progress = min(1.0, (step + 1) / args.num_iterations if args.num_iterations > 0 else loop["consumed"] / n_convs)
         lrm = sft_lr_multiplier(progress, args.warmdown_ratio, args.final_lr_frac)
-        inputs = sharding.global_batch(np.stack([b["inputs"] for b in micro]), batch_sh)
-        targets = sharding.global_batch(np.stack([b["targets"] for b in micro]), batch_sh)
         state, metrics = train_step(state, inputs, targets, lrm=lrm)
         return {"loss": float(metrics["loss"]), "lrm": lrm, "progress": progress, "epoch": micro[-1]["epoch"]}
 
@@ -357,14 +346,6 @@ def run_chatcore(params, config, tok, dtype, tasks, args, batch_size) -> dict:
     engine = Engine(jax.device_get(params), config, tok, dtype=dtype)
     return evaluate(engine, tasks, batch_size=batch_size, max_problems=args.chatcore_max_cat,
                     max_generative=args.chatcore_max_sample, max_tokens=512, say=lambda *a: None)
-
-
-def _any_process(flag: bool) -> bool:
-    """upstream all-reduces last_step with MAX: stop when any process has finished its epoch."""
-    if jax.process_count() == 1:
-        return bool(flag)
-    from jax.experimental import multihost_utils
-    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
 
 
 if __name__ == "__main__":
