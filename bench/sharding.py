@@ -19,7 +19,7 @@ import numpy as np
 from bench.forward import timed
 from nanochat_jax import flops, optim, sharding
 from nanochat_jax.config import config_for_depth
-from nanochat_jax.train_step import init_train_state, make_train_step
+from nanochat_jax.train_step import init_train_state, jit_train_step, make_train_step
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # bf16 dense, per device
 
@@ -50,7 +50,8 @@ def main(argv=None):
             inputs, targets = tokens[..., :-1].astype(np.int32), tokens[..., 1:].astype(np.int32)
             state_bytes = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(state[0]))
             with jax.set_mesh(mesh):
-                mem = step.jitted.lower(state[0], inputs, targets).compile().memory_analysis()
+                jitted = jit_train_step(config, tx, mesh, dtype=args.dtype)
+                mem = jitted.lower(state[0], inputs, targets, None, None).compile().memory_analysis()
 
             def run():
                 state[0], m = step(state[0], inputs, targets)

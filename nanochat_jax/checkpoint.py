@@ -236,15 +236,21 @@ def check_compatible(meta: dict, config: GPTConfig) -> None:
         raise CheckpointMismatchError("checkpoint model_config does not match this model: " + "; ".join(diffs))
 
 
-def _check_writable(directory: str) -> None:
+def check_writable(directory, what: str = "checkpoint directory", keep: bool = True) -> None:
     """Fail at construction, not at the first async save hours into a run. Root ignores
-    permission bits, so this writes a probe file rather than trusting os.access."""
+    permission bits, so this writes a probe file rather than trusting os.access. keep=False: a
+    directory made for the probe is removed again (the run creates it), so a later failure
+    leaves nothing behind."""
+    made = not os.path.exists(directory)
     try:
         os.makedirs(directory, exist_ok=True)
         with tempfile.TemporaryFile(dir=directory):
             pass
     except OSError as e:
-        raise CheckpointSaveError(f"checkpoint directory {directory} is not writable: {e}") from e
+        raise CheckpointSaveError(f"cannot write the {what} {directory}: it is not writable ({e.strerror or e})") from e
+    finally:
+        if made and not keep and os.path.isdir(directory) and not os.listdir(directory):
+            os.rmdir(directory)
 
 
 def free_bytes(path) -> int | None:
@@ -298,7 +304,7 @@ class Checkpointer:
             if read_only and not os.path.isdir(directory):
                 raise CheckpointNotFoundError(f"no checkpoint directory {directory}")
             if not read_only:
-                _check_writable(directory)
+                check_writable(directory)
         self.directory = epath.Path(directory)
         self.read_only = read_only
         self._local = local

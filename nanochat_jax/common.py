@@ -138,6 +138,12 @@ def tune_malloc() -> bool:
 
 # ---- command-line entry points: one-line errors, clean stops ---------------------------------
 
+def need(ok, msg: str) -> None:
+    """A CLI's argument check: ValueError(msg) unless ok, which the CLI prints as its one-line error."""
+    if not ok:
+        raise ValueError(msg)
+
+
 def one_line(e: BaseException) -> str:
     """A user-facing one-line reason for `e`: disk full names the file and the free space."""
     import errno

@@ -135,7 +135,6 @@ def make_dpo_step(config: GPTConfig, tx: optax.GradientTransformation, mesh: Mes
         with jax.set_mesh(mesh):
             return jitted(state, ref, inputs_ABT, targets_ABT, jnp.asarray(lrm, jnp.float32))
 
-    dpo_step.jitted = jitted
     return dpo_step
 
 

@@ -43,30 +43,29 @@ def init_train_state(config: GPTConfig, tx: optax.GradientTransformation, mesh: 
     return TrainState(params, opt_state)
 
 
-def make_train_step(config: GPTConfig, tx: optax.GradientTransformation, mesh: Mesh, *, dtype=None,
-                    backend=None, weighted: bool = False, lr_scaled: bool = False):
-    """train_step(state, inputs_ABT, targets_ABT[, weights_ABT][, lrm]) -> (state, {"loss"}), A = micro-steps.
+def jit_train_step(config: GPTConfig, tx: optax.GradientTransformation, mesh: Mesh, *, dtype=None, backend=None):
+    """The jitted step(state, inputs_ABT, targets_ABT, weights_ABT, lrm) -> (state, {"loss"}), A = micro-steps,
+    to call under the mesh (make_train_step does; bench/sharding.py lowers it).
 
-    Default: the loss is the mean over micro-steps of each micro-batch's mean loss, like
-    nanochat's loss/grad_accum; gradients accumulate in fp32.
-    weighted: the loss is instead Σ over every micro-step and token of CE·weight (RL's
-    advantage-weighted objective; the weights carry the whole normalization).
-    lr_scaled: the update is multiplied by the scalar `lrm` (a host-side LR multiplier, e.g.
-    SFT's progress-based schedule). Exact, since every nanochat update, decoupled weight
-    decay included, is proportional to its LR.
+    weights_ABT None: the loss is the mean over micro-steps of each micro-batch's mean loss, like
+    nanochat's loss/grad_accum; else Σ over every micro-step and token of CE·weight (RL's
+    advantage-weighted objective; the weights carry the whole normalization). lrm None: the update
+    as it is; else times lrm, a host-side LR multiplier (SFT's schedule), exact since every nanochat
+    update, decoupled weight decay included, is proportional to its LR. Gradients accumulate in fp32.
     """
     dtype = resolve_dtype(dtype)
     state_sh = train_state_shardings(config, tx, mesh, dtype)
     batch_sh = sharding.batch_sharding(mesh, leading=1)
     replicated = NamedSharding(mesh, P())
 
-    def micro_loss(params, inputs_BT, targets_BT, weights_BT):
-        if not weighted:
-            return model.loss_fn(params, inputs_BT, targets_BT, config, dtype=dtype, backend=backend)
-        nll = model.loss_fn(params, inputs_BT, targets_BT, config, reduction="none", dtype=dtype, backend=backend)
-        return jnp.sum(nll * weights_BT.reshape(-1).astype(jnp.float32))
-
     def step(state: TrainState, inputs_ABT, targets_ABT, weights_ABT, lrm):
+        weighted = weights_ABT is not None
+
+        def micro_loss(params, inputs_BT, targets_BT, weights_BT):
+            if not weighted:
+                return model.loss_fn(params, inputs_BT, targets_BT, config, dtype=dtype, backend=backend)
+            nll = model.loss_fn(params, inputs_BT, targets_BT, config, reduction="none", dtype=dtype, backend=backend)
+            return jnp.sum(nll * weights_BT.reshape(-1).astype(jnp.float32))
         grad_fn = jax.value_and_grad(micro_loss)
 
         def micro(carry, xyw):
@@ -82,30 +81,23 @@ def make_train_step(config: GPTConfig, tx: optax.GradientTransformation, mesh: M
         n = 1 if weighted else inputs_ABT.shape[0]
         grads = jax.tree.map(lambda g: g / n, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        if lr_scaled:
+        if lrm is not None:
             updates = jax.tree.map(lambda u: (u * lrm).astype(u.dtype), updates)
         params = optax.apply_updates(state.params, updates)
         return TrainState(params, opt_state), {"loss": loss / n}
 
-    in_sh = (state_sh, batch_sh, batch_sh) + ((batch_sh,) if weighted else ()) + ((replicated,) if lr_scaled else ())
+    return jax.jit(step, in_shardings=(state_sh, batch_sh, batch_sh, batch_sh, replicated),
+                   out_shardings=(state_sh, replicated), donate_argnums=0)
 
-    def flat(state, inputs_ABT, targets_ABT, *rest):
-        rest = list(rest)
-        weights = rest.pop(0) if weighted else None
-        lrm = rest.pop(0) if lr_scaled else None
-        return step(state, inputs_ABT, targets_ABT, weights, lrm)
 
-    jitted = jax.jit(flat, in_shardings=in_sh, out_shardings=(state_sh, replicated), donate_argnums=0)
+def make_train_step(config: GPTConfig, tx: optax.GradientTransformation, mesh: Mesh, *, dtype=None, backend=None):
+    """train_step(state, inputs_ABT, targets_ABT, weights_ABT=None, lrm=None) -> (state, {"loss"}): one optimizer
+    step over A micro-batches, `state` donated; weights_ABT and lrm as in jit_train_step."""
+    jitted = jit_train_step(config, tx, mesh, dtype=dtype, backend=backend)
 
-    def train_step(state: TrainState, inputs_ABT, targets_ABT, *rest):
-        if len(rest) != weighted + lr_scaled:
-            raise TypeError(f"train_step takes {'weights, ' if weighted else ''}{'lrm' if lr_scaled else ''} "
-                            f"after the targets; got {len(rest)} extra argument(s)")
-        if lr_scaled:
-            rest = (*rest[:-1], jnp.asarray(rest[-1], jnp.float32))
+    def train_step(state: TrainState, inputs_ABT, targets_ABT, weights_ABT=None, lrm=None):
+        lrm = None if lrm is None else jnp.asarray(lrm, jnp.float32)
         with jax.set_mesh(mesh):  # model code reads the mesh for activation constraints / shard_map
-            return jitted(state, inputs_ABT, targets_ABT, *rest)
+            return jitted(state, inputs_ABT, targets_ABT, weights_ABT, lrm)
 
-    train_step.jitted = jitted
-    train_step.shardings = state_sh
     return train_step

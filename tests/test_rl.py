@@ -95,9 +95,8 @@ def test_weights_reproduce_upstream_objective(toy):
     w = np.where(valid, adv, 0) / (valid.sum(axis=(1, 2), keepdims=True) * 2 * 1)
     mesh = sharding.make_mesh("data=1", devices=jax.devices()[:1])
     tx = optim.make_optimizer(cfg, 10)
-    _, m = make_train_step(cfg, tx, mesh, weighted=True)(init_train_state(cfg, tx, mesh, jax.random.key(0),
-                                                                          params=params), ids[..., :-1], targets,
-                                                           w.astype(np.float32))
+    _, m = make_train_step(cfg, tx, mesh)(init_train_state(cfg, tx, mesh, jax.random.key(0), params=params),
+                                          ids[..., :-1], targets, w.astype(np.float32))
     expected = 0.0
     for p in range(2):
         nll = np.asarray(model.loss_fn(params, ids[p, :, :-1], targets[p], cfg, reduction="none")).reshape(4, 32)

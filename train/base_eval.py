@@ -27,7 +27,7 @@ from nanochat_jax import paths, sharding
 from nanochat_jax.common import DTYPES, resolve_dtype, run_cli, tune_malloc
 from nanochat_jax.download import DownloadError
 from nanochat_jax.evals import core as core_eval, core_tasks
-from nanochat_jax.paths import home_dir, pretrain_data_dir
+from nanochat_jax.paths import home_dir, pretrain_data_dir, tokenizer_dir
 
 EVALS = ("core", "bpb", "sample")
 
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
 
     from nanochat_jax.tokenizer import Tokenizer
 
-    tok_dir = Path(args.tokenizer_dir) if args.tokenizer_dir else home_dir() / "tokenizer"
+    tok_dir = Path(args.tokenizer_dir) if args.tokenizer_dir else tokenizer_dir()
     try:
         tok = Tokenizer.load(tok_dir)
     except (FileNotFoundError, ValueError) as e:

@@ -19,29 +19,24 @@ import argparse
 import dataclasses
 import gc
 import json
-import os
-import shutil
 import sys
-import time
 from pathlib import Path
 
 import jax
-import numpy as np
 from tqdm import tqdm
 
 from nanochat_jax import attention, flops, model, optim, scaling, sharding
-from nanochat_jax.checkpoint import (COMMIT_MARKER, Checkpointer, CheckpointError, RunDirError, abstract_train_state,
-                                     prepare_run_dir)
-from nanochat_jax.common import (DTYPES, StopSignals, check_model_fits, mfu, peak_flops, resolve_dtype, run_cli,
-                                 tune_malloc)
+from nanochat_jax.checkpoint import RunDirError, abstract_train_state, prepare_run_dir
+from nanochat_jax.common import (DTYPES, StopSignals, check_model_fits, mfu, need, peak_flops, resolve_dtype, run_cli)
 from nanochat_jax.config import config_for_depth
 from nanochat_jax.convert import export_nanochat_checkpoint, torch_available
 from nanochat_jax.data.dataset import check_parquet
 from nanochat_jax.data.pipeline import pretrain_loader, val_batches
 from nanochat_jax.evals import core as core_eval, core_tasks
 from nanochat_jax.evals.bpb import evaluate_bpb
-from nanochat_jax.paths import home_dir, pretrain_data_dir
-from nanochat_jax.report import LossEMA, RunLogger, StepTimer, format_step_line, write_report
+from nanochat_jax.loop import next_batch, open_checkpointer, removed_on_failure, resume, run, start_run
+from nanochat_jax.paths import home_dir, pretrain_data_dir, tokenizer_dir
+from nanochat_jax.report import RunLogger, format_step_line, write_report
 from nanochat_jax.tokenizer import Tokenizer
 from nanochat_jax.train_step import init_train_state, make_train_step
 
@@ -49,7 +44,6 @@ SAMPLE_PROMPTS = ("The capital of France is", "The chemical symbol of gold is",
                   "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
                   "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is")
 TIMING_SKIP_STEPS = 10  # total_training_time excludes the first steps (compile, warm-up), as upstream
-STOP_SAVE_TIMEOUT_S = float(os.environ.get("NANOCHAT_STOP_SAVE_TIMEOUT", 300))  # final save on SIGINT/SIGTERM
 
 
 def parse_args(argv=None):
@@ -107,9 +101,6 @@ def parse_args(argv=None):
 
 def check_args(args) -> None:
     """Every range that does not need the devices or files, before anything is created (ValueError)."""
-    def need(ok, msg):
-        if not ok:
-            raise ValueError(msg)
     for name in ("depth", "aspect_ratio", "head_dim", "max_seq_len", "device_batch_size", "keep_checkpoints"):
         need(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     need(args.num_iterations == -1 or args.num_iterations >= 1,
@@ -188,19 +179,12 @@ def sample(params, config, tok, dtype, backend, max_tokens=16) -> list[str]:
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        check_args(args)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    tune_malloc()  # before the backend starts: reuse freed host memory (common.tune_malloc)
-    sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    main_proc = sharding.is_main_process()
-    jax.config.update("jax_compilation_cache_dir", str(home_dir() / "jax_cache"))  # persistent compile cache
+    main_proc = start_run(args, check_args, args.coordinator, args.num_processes, args.process_id)
 
     tag = args.model_tag or f"d{args.depth}"
     out_dir = Path(args.out_dir) if args.out_dir else home_dir() / "base_checkpoints" / tag
     data_dir = Path(args.data_dir) if args.data_dir else pretrain_data_dir()
-    tok_dir = Path(args.tokenizer_dir) if args.tokenizer_dir else home_dir() / "tokenizer"
+    tok_dir = Path(args.tokenizer_dir) if args.tokenizer_dir else tokenizer_dir()
     # Every input is checked before the run directory exists, so a mistake costs seconds and leaves nothing.
     try:
         tok = Tokenizer.load(tok_dir)
@@ -218,14 +202,8 @@ def main(argv=None):
         moved = prepare_run_dir(out_dir, resume=args.resume, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError, RunDirError) as e:
         raise SystemExit(f"error: {e}") from None
-    created = not out_dir.exists()
-    try:
-        with StopSignals() as stop:
-            return _train(args, tag, out_dir, data_dir, tok, dtype, config, mesh, plan, main_proc, moved, stop)
-    except BaseException:
-        if created and main_proc and not any(out_dir.glob(f"checkpoints/*/{COMMIT_MARKER}")):
-            shutil.rmtree(out_dir, ignore_errors=True)  # a run that failed before its first checkpoint leaves nothing
-        raise
+    with removed_on_failure(out_dir, main_proc), StopSignals() as stop:
+        return _train(args, tag, out_dir, data_dir, tok, dtype, config, mesh, plan, main_proc, moved, stop)
 
 
 def _train(args, tag, out_dir, data_dir, tok, dtype, config, mesh, plan, main_proc, moved, stop):
@@ -238,7 +216,7 @@ def _train(args, tag, out_dir, data_dir, tok, dtype, config, mesh, plan, main_pr
     say(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].device_kind} device(s), "
         f"{jax.process_count()} process(es); compute {dtype.name}")
     say("plan: " + json.dumps(dataclasses.asdict(plan)))
-    core_bundle = core_metric = None
+    core_bundle = None
     if args.core_metric_every > 0:
         core_bundle = core_tasks.bundle_for_training(args.bundle_dir, say)
 
@@ -265,10 +243,7 @@ def _train(args, tag, out_dir, data_dir, tok, dtype, config, mesh, plan, main_pr
         eval_batches = [{k: sharding.global_batch(v, sharding.batch_sharding(mesh)) for k, v in b.items()}
                         for b in eval_batches]
 
-    try:
-        ckpt = Checkpointer(out_dir / "checkpoints", max_to_keep=args.keep_checkpoints)
-    except OSError as e:
-        raise SystemExit(f"error: cannot write the run directory {out_dir}: {e}") from None
+    ckpt = open_checkpointer(out_dir, args.keep_checkpoints)
     loop = {"min_val_bpb": float("inf"), "ema_smooth": 0.0, "ema_n": 0, "total_training_time": 0.0}
     step, val_bpb = 0, None
     if args.resume:
@@ -281,28 +256,20 @@ def _train(args, tag, out_dir, data_dir, tok, dtype, config, mesh, plan, main_pr
     resume_step = step
 
     logger = RunLogger(out_dir, enabled=main_proc)
-    ema = LossEMA(beta=0.9, smooth=loop["ema_smooth"], n=loop["ema_n"])
     peak = peak_flops()
     tokens_per_step = plan.total_batch_size
     backend = args.attention
     bar.update(step)
-    timer = StepTimer()
-    first_step_s = None
-    # after a resume only the first step (compile) is left out of total_training_time
-    skip_steps = TIMING_SKIP_STEPS if resume_step == 0 else 1
+    first_step_s = core_metric = None
 
     def save(step):
         meta = {"step": step, "val_bpb": val_bpb, "model_config": config.to_dict(), "user_config": vars(args),
                 "plan": dataclasses.asdict(plan), "device_batch_size": args.device_batch_size,
-                "max_seq_len": config.sequence_len, "total_batch_size": plan.total_batch_size,
-                "loop_state": {**loop, "ema_smooth": ema.smooth, "ema_n": ema.n}}
+                "max_seq_len": config.sequence_len, "total_batch_size": plan.total_batch_size, "loop_state": dict(loop)}
         ckpt.save(step, state, data_iterator=train_iter, meta=meta)
 
-    while True:
-        last = step == plan.num_iterations
-        if not last and stop.requested():
-            bar.close()
-            stop_with_checkpoint(ckpt, step, save if step != resume_step else None, stop, out_dir, say)
+    def evaluate(step, last):
+        nonlocal val_bpb, core_metric
         if eval_batches is not None and (last or step % args.eval_every == 0):
             val_bpb = evaluate_bpb(state.params, eval_batches, config, tok.token_bytes, dtype=dtype, backend=backend)
             loop["min_val_bpb"] = min(loop["min_val_bpb"], val_bpb)
@@ -319,46 +286,36 @@ def _train(args, tag, out_dir, data_dir, tok, dtype, config, mesh, plan, main_pr
         if main_proc and args.sample_every > 0 and (last or (step > 0 and step % args.sample_every == 0)):
             for line in sample(jax.device_get(state.params), config, tok, dtype, backend):
                 say("  sample: " + line.replace("\n", " "))
-        if (last or (args.save_every > 0 and step > 0 and step % args.save_every == 0)) and step != resume_step:
-            save(step)  # not at the step resumed from: that one is on disk already
-        if last:
-            break
 
-        t0 = time.perf_counter()
-        micro = [next(train_iter) for _ in range(plan.grad_accum)]
-        inputs = sharding.global_batch(np.stack([b["inputs"] for b in micro]), batch_sh)
-        targets = sharding.global_batch(np.stack([b["targets"] for b in micro]), batch_sh)
+    def train(step):
+        nonlocal state
+        micro, inputs, targets = next_batch(train_iter, plan.grad_accum, batch_sh)
         state, metrics = train_step(state, inputs, targets)
-        loss = float(metrics["loss"])
-        dt = time.perf_counter() - t0
+        return {"loss": float(metrics["loss"])}
+
+    def show(info, metrics):
+        nonlocal first_step_s
         if first_step_s is None:
-            first_step_s = dt
-            say(f"first step (compile + run) {dt:.1f}s")
-        if step - resume_step >= skip_steps:
-            loop["total_training_time"] += dt
-        if step > resume_step:
-            timer.add(dt)
-        smooth = ema.update(loss)
-        lrm = float(optim.lr_multiplier(step, plan.num_iterations, args.warmup_steps, args.warmdown_ratio,
-                                        args.final_lr_frac))
-        step_mfu = mfu(plan.flops_per_token, tokens_per_step, dt, jax.device_count(), peak)
-        eta = timer.eta(plan.num_iterations - step - 1)
-        line = format_step_line(step=step, num_steps=plan.num_iterations, loss=smooth, lrm=lrm, dt=dt,
-                                tokens_per_step=tokens_per_step, mfu=step_mfu, total_time=loop["total_training_time"],
-                                eta=eta)
-        if bar.disable:
-            say(line)
-        else:
-            bar.update(1)
-            bar.set_postfix_str(f"loss {smooth:.4f} | {tokens_per_step / dt:,.0f} tok/s")
-        logger.log(step, **{"train/loss": smooth, "train/loss_raw": loss, "train/lrm": lrm, "train/dt": dt,
-                            "train/tok_per_s": tokens_per_step / dt,
-                            **({"train/mfu": step_mfu} if step_mfu is not None else {})})
-        step += 1
-        if step == 1:
+            first_step_s = info.dt
+            say(f"first step (compile + run) {info.dt:.1f}s")
+        if info.step == 0:
             gc.collect()
             gc.freeze()  # nothing allocated so far needs scanning again (upstream does the same)
-    bar.close()
+        lrm = float(optim.lr_multiplier(info.step, plan.num_iterations, args.warmup_steps, args.warmdown_ratio,
+                                        args.final_lr_frac))
+        step_mfu = mfu(plan.flops_per_token, tokens_per_step, info.dt, jax.device_count(), peak)
+        line = format_step_line(step=info.step, num_steps=plan.num_iterations, loss=info.loss, lrm=lrm, dt=info.dt,
+                                tokens_per_step=tokens_per_step, mfu=step_mfu, total_time=info.total_time,
+                                eta=info.timer.eta(plan.num_iterations - info.step - 1))
+        return line, f"loss {info.loss:.4f} | {tokens_per_step / info.dt:,.0f} tok/s", {
+            "train/loss": info.loss, "train/loss_raw": metrics["loss"], "train/lrm": lrm, "train/dt": info.dt,
+            "train/tok_per_s": tokens_per_step / info.dt, **({"train/mfu": step_mfu} if step_mfu is not None else {})}
+
+    # after a resume only the first step (compile) is left out of total_training_time
+    step, final_loss = run(step, done=lambda step: step == plan.num_iterations, train=train, show=show, loop=loop,
+                           bar=bar, say=say, logger=logger, evaluate=evaluate, save=save, save_every=args.save_every,
+                           on_disk=resume_step, ckpt=ckpt, out_dir=out_dir, stop=stop,
+                           timing_skip=TIMING_SKIP_STEPS if resume_step == 0 else 1)
     ckpt.wait()
     if main_proc:
         if torch_available():
@@ -372,7 +329,7 @@ def _train(args, tag, out_dir, data_dir, tok, dtype, config, mesh, plan, main_pr
                       "flops_per_token": plan.flops_per_token},
             "run": {**dataclasses.asdict(plan), "mesh": dict(mesh.shape), "dtype": dtype.name,
                     "first_step_s": first_step_s, "total_training_time_s": loop["total_training_time"],
-                    "final_val_bpb": val_bpb, "min_val_bpb": loop["min_val_bpb"], "final_train_loss": ema.value,
+                    "final_val_bpb": val_bpb, "min_val_bpb": loop["min_val_bpb"], "final_train_loss": final_loss,
                     "final_core_metric": core_metric},
         }, out_dir / "metrics.jsonl")
         say(f"done: {step} steps, val bpb {val_bpb}, checkpoints in {out_dir / 'checkpoints'}, "
@@ -382,37 +339,6 @@ def _train(args, tag, out_dir, data_dir, tok, dtype, config, mesh, plan, main_pr
     ckpt.close()
     if hasattr(train_iter, "close"):
         train_iter.close()
-
-
-def resume(ckpt, step, target, data_iterator, config, say):
-    """(state, meta) of `step` or, by default, the newest intact checkpoint. Corrupt steps passed over
-    and (with an explicit older step) newer ones are renamed aside, so this run can save those steps again."""
-    try:
-        state, meta = ckpt.restore(step, target=target, data_iterator=data_iterator, config=config, say=say)
-    except CheckpointError as e:
-        raise SystemExit(f"error: cannot resume: {e}") from None
-    for bad in sorted(ckpt.bad_steps):
-        say(f"moved corrupt step {bad} to {ckpt.set_aside(bad, 'corrupt')}")
-    for newer in [s for s in ckpt.all_steps() if s > meta["step"]]:
-        say(f"moved step {newer} (after the resumed step {meta['step']}) to {ckpt.set_aside(newer, 'superseded')}")
-    return state, meta
-
-
-def stop_with_checkpoint(ckpt, step, save, stop, out_dir, say, timeout_s=None, hint="continue with --resume"):
-    """The end of a run stopped by a signal: save `step` (save is None when it is on disk already), wait a
-    bounded time for it, and exit with a one-line message and 128 + the signal number."""
-    timeout_s = STOP_SAVE_TIMEOUT_S if timeout_s is None else timeout_s
-    where = out_dir / "checkpoints"
-    if save is not None:
-        say(f"{stop.name}: saving a final checkpoint at step {step} (waiting up to {timeout_s:.0f}s)")
-        save(step)
-    if ckpt.wait(timeout=timeout_s):
-        print(f"stopped by {stop.name} at step {step}; checkpoint step {step} is in {where}; {hint}", file=sys.stderr)
-        raise SystemExit(stop.exit_code)
-    prev = ckpt.latest_step()
-    print(f"stopped by {stop.name} at step {step}; the final checkpoint did not finish within {timeout_s:.0f}s, "
-          f"so the newest in {where} is step {prev}", file=sys.stderr, flush=True)
-    os._exit(stop.exit_code)  # Orbax's writer threads would keep the process alive
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from nanochat_jax.common import DTYPES, resolve_dtype, run_cli, tune_malloc
 from nanochat_jax.evals.chat import BASELINES, categorical_accuracy, chatcore, generative_accuracy, scheduler_sampler
-from nanochat_jax.paths import home_dir
+from nanochat_jax.paths import home_dir, tokenizer_dir
 from nanochat_jax.scheduler import Engine, Scheduler
 
 TASKS = tuple(BASELINES)
@@ -97,7 +97,7 @@ def model_path(args) -> str:
 def load_engine_for(args) -> Engine:
     from nanochat_jax.checkpoint import load_engine
 
-    tok_dir = Path(args.tokenizer_dir) if args.tokenizer_dir else home_dir() / "tokenizer"
+    tok_dir = Path(args.tokenizer_dir) if args.tokenizer_dir else tokenizer_dir()
     path = args.model_path if getattr(args, "model_path", None) else model_path(args)
     print(f"model: {path}")
     return load_engine(str(path), bool(args.nanochat), str(tok_dir), resolve_dtype(args.dtype), args.step)
@@ -121,7 +121,7 @@ def check_args(args) -> None:
         raise ValueError(f"unknown task {unknown[0]!r}; choose from {'|'.join(TASKS)}")
     from nanochat_jax.tokenizer import Tokenizer
 
-    Tokenizer.load(Path(args.tokenizer_dir) if args.tokenizer_dir else home_dir() / "tokenizer")
+    Tokenizer.load(Path(args.tokenizer_dir) if args.tokenizer_dir else tokenizer_dir())
     if args.out:
         out_dir = Path(args.out).resolve().parent
         try:

@@ -26,7 +26,6 @@ import dataclasses
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -37,14 +36,15 @@ from tqdm import tqdm
 from nanochat_jax import optim, sharding
 from nanochat_jax.checkpoint import (Checkpointer, RunDirError, abstract_train_state, checkpoint_dir, newest_run,
                                      prepare_run_dir)
-from nanochat_jax.common import resolve_dtype, tune_malloc
+from nanochat_jax.common import need, resolve_dtype
 from nanochat_jax.config import GPTConfig
-from nanochat_jax.paths import home_dir
+from nanochat_jax.paths import home_dir, tokenizer_dir
 from nanochat_jax.data.preference import PreferencePairIterDataset, parse_preference_mixture, render_pair
 from nanochat_jax.data.sft import SFTPackIterDataset, sft_lr_multiplier
 from nanochat_jax.dpo import LOSSES, check_hparams, make_dpo_step, make_logps_fn
 from nanochat_jax.evals.bpb import evaluate_bpb
-from nanochat_jax.report import LossEMA, RunLogger, _plot, _series, read_metrics, write_report
+from nanochat_jax.loop import add_run_args, any_process, next_batch, open_checkpointer, run, start_run
+from nanochat_jax.report import RunLogger, _plot, _series, read_metrics, write_report
 from nanochat_jax.tasks.spec import parse_mixture
 from nanochat_jax.tokenizer import Tokenizer
 from nanochat_jax.train_step import init_train_state
@@ -88,14 +88,13 @@ def parse_args(argv=None):
     a("--task-data-dir", default=None, help="local task data: DIR/<task>/, e.g. DIR/hh-rlhf/")
     a("--save-every", type=int, default=-1)
     a("--resume", action="store_true", help="continue from the latest complete checkpoint in --out-dir")
-    a("--overwrite", action="store_true", help="move a run already in --out-dir aside to <out-dir>.replaced-<time>")
-    a("--model-tag", default=None)
-    a("--mesh", default="data=-1")
-    a("--dtype", default=None)
-    a("--attention", default="auto")
-    a("--tokenizer-dir", default=None)
-    a("--out-dir", default=None, help="default $NANOCHAT_JAX_HOME/chatdpo_checkpoints/<tag>")
+    add_run_args(a, "default $NANOCHAT_JAX_HOME/chatdpo_checkpoints/<tag>")
     return ap.parse_args(argv)
+
+
+def check_args(args) -> None:
+    check_hparams(args.loss, args.beta, args.label_smoothing)
+    need(args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}")
 
 
 def load_start(args):
@@ -121,10 +120,6 @@ def _allsum(values: np.ndarray) -> np.ndarray:
         return values
     from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(values)).sum(axis=0)
-
-
-def _any_process(flag: bool) -> bool:
-    return bool(_allsum(np.asarray([float(flag)]))[0] > 0)
 
 
 class PairEval:
@@ -171,17 +166,11 @@ def pref_metrics(policy_N2: np.ndarray, ref_N2: np.ndarray, beta: float) -> dict
 
 def main(argv=None):
     args = parse_args(argv)
-    tune_malloc()  # before the backend starts: reuse freed host memory (common.tune_malloc)
-    sharding.initialize_distributed()
-    jax.config.update("jax_compilation_cache_dir", str(home_dir() / "jax_cache"))
-    main_proc = sharding.is_main_process()
+    main_proc = start_run(args, check_args)
     say = print if main_proc else (lambda *a, **k: None)
     dtype = resolve_dtype(args.dtype)
     try:
-        check_hparams(args.loss, args.beta, args.label_smoothing)
-        if args.epochs < 1:
-            raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
-        tok = Tokenizer.load(Path(args.tokenizer_dir) if args.tokenizer_dir else home_dir() / "tokenizer")
+        tok = Tokenizer.load(Path(args.tokenizer_dir) if args.tokenizer_dir else tokenizer_dir())
         mesh = sharding.make_mesh(args.mesh)
     except (ValueError, FileNotFoundError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
@@ -262,10 +251,7 @@ def main(argv=None):
         from train.sft import load_chatcore_tasks
         chat_tasks = load_chatcore_tasks(args, say)
 
-    try:
-        ckpt = Checkpointer(out_dir / "checkpoints", max_to_keep=2)
-    except OSError as e:
-        raise SystemExit(f"error: cannot write the run directory {out_dir}: {e}") from None
+    ckpt = open_checkpointer(out_dir, 2)
     step = 0
     loop = {"ema_smooth": 0.0, "ema_n": 0, "total_training_time": 0.0, "first": {}, "last": {}}
     if args.resume:
@@ -286,19 +272,24 @@ def main(argv=None):
                                  with_reference=mode) for mode in (True, False)}
     ref_sh = NamedSharding(mesh, P(None, sharding.BATCH))
     logger = RunLogger(out_dir, enabled=main_proc)
-    ema = LossEMA(beta=0.9, smooth=loop["ema_smooth"], n=loop["ema_n"])
     bar = tqdm(total=num_steps, initial=step, disable=not main_proc or not sys.stderr.isatty(), desc=f"dpo {tag}")
     batch = {"cropped": 0, "skipped": 0}
-    while True:
-        last = step >= num_steps
-        if pair_eval is not None and (last or (args.eval_every > 0 and step % args.eval_every == 0) or step == 0):
+
+    def save(step):
+        meta = {"step": step, "model_config": config.to_dict(), "user_config": vars(args), "start": start,
+                "lrs": lrs, "max_seq_len": T, "inherited": {**lrs, "max_seq_len": T}, "loop_state": dict(loop)}
+        ckpt.save(step, state, data_iterator=train_iter, meta=meta)
+
+    def evaluate(step, last):
+        due = last or (args.eval_every > 0 and step % args.eval_every == 0) or step == 0
+        if pair_eval is not None and due:
             m = pref_metrics(pair_eval.score(state.params), ref_val, args.beta)
             say(f"step {step:05d} | held-out pairs: reward acc {m['acc']:.4f} | margin {m['margin']:.4f} | "
                 f"logp acc {m['logp_acc']:.4f} | chosen logp {m['chosen_logp']:.2f} | rejected logp {m['rejected_logp']:.2f}")
             logger.log(step, **{f"pref/{k}": v for k, v in m.items()})
             loop["first"] = loop["first"] or m
             loop["last"] = m
-        if bpb_batches is not None and (last or (args.eval_every > 0 and step % args.eval_every == 0) or step == 0):
+        if bpb_batches is not None and due:
             bpb = evaluate_bpb(state.params, bpb_batches, config, tok.token_bytes, dtype=dtype, backend=args.attention)
             say(f"step {step:05d} | SFT val bpb {bpb:.4f}")
             logger.log(step, **{"val/bpb": bpb})
@@ -312,20 +303,13 @@ def main(argv=None):
             logger.log(step, **{(k if k.startswith("chatcore") else f"chatcore/{k}"): v for k, v in scores.items()})
             loop.setdefault("first_chatcore", scores.get("chatcore"))
             loop["last_chatcore"] = scores.get("chatcore")
-        if last or (args.save_every > 0 and step > 0 and step % args.save_every == 0 and step != resume_step):
-            meta = {"step": step, "model_config": config.to_dict(), "user_config": vars(args), "start": start,
-                    "lrs": lrs, "max_seq_len": T, "inherited": {**lrs, "max_seq_len": T},
-                    "loop_state": {**loop, "ema_smooth": ema.smooth, "ema_n": ema.n}}
-            ckpt.save(step, state, data_iterator=train_iter, meta=meta)
-        if last:
-            break
-        t0 = time.perf_counter()
-        micro = [next(train_iter) for _ in range(grad_accum)]
+
+    def train(step):
+        nonlocal state, batch
+        micro, inputs, targets = next_batch(train_iter, grad_accum, batch_sh)
         batch = micro[-1]
-        inputs = sharding.global_batch(np.stack([b["inputs"] for b in micro]), batch_sh)
-        targets = sharding.global_batch(np.stack([b["targets"] for b in micro]), batch_sh)
         lrm = sft_lr_multiplier((step + 1) / num_steps, args.warmdown_ratio, args.final_lr_frac)
-        fresh = _any_process(any(b["ref_logps"] is None for b in micro))
+        fresh = any_process(any(b["ref_logps"] is None for b in micro))
         ref = reference if fresh else sharding.global_batch(np.stack([b["ref_logps"] for b in micro]), ref_sh)
         state, metrics = steps[fresh](state, ref, inputs, targets, lrm)
         metrics = jax.device_get(metrics)
@@ -333,24 +317,20 @@ def main(argv=None):
             ref_rows = np.asarray(metrics["ref_logps"])[:, rows.start:rows.stop]
             for b, r in zip(micro, ref_rows):
                 train_iter.remember(b["pair_ids"], r)
-        loss = float(metrics["loss"])
-        dt = time.perf_counter() - t0
-        if step - resume_step >= 1:
-            loop["total_training_time"] += dt
-        smooth = ema.update(loss)
-        line = (f"step {step:05d}/{num_steps:05d} | loss: {smooth:.6f} | reward acc: {float(metrics['reward_acc']):.3f} | "
-                f"margin: {float(metrics['margin']):.3f} | lrm: {lrm:.2f} | dt: {dt * 1000:.0f}ms | epoch: {batch['epoch']}"
-                f"{'' if fresh else ' | cached ref'}")
-        if bar.disable:
-            say(line)
-        else:
-            bar.update(1)
-            bar.set_postfix_str(f"loss {smooth:.4f} acc {float(metrics['reward_acc']):.2f}")
-        logger.log(step, **{"train/loss": smooth, "train/loss_raw": loss, "train/lrm": lrm, "train/dt": dt,
-                            **{f"train/{k}": float(v) for k, v in metrics.items() if k not in ("loss", "ref_logps")},
-                            "data/cropped": batch["cropped"], "data/skipped": batch["skipped"]})
-        step += 1
-    bar.close()
+        return {**{k: float(v) for k, v in metrics.items() if k != "ref_logps"}, "lrm": lrm, "fresh": fresh}
+
+    def show(info, m):
+        line = (f"step {info.step:05d}/{num_steps:05d} | loss: {info.loss:.6f} | reward acc: {m['reward_acc']:.3f} | "
+                f"margin: {m['margin']:.3f} | lrm: {m['lrm']:.2f} | dt: {info.dt * 1000:.0f}ms | "
+                f"epoch: {batch['epoch']}{'' if m['fresh'] else ' | cached ref'}")
+        return line, f"loss {info.loss:.4f} acc {m['reward_acc']:.2f}", {
+            "train/loss": info.loss, "train/loss_raw": m["loss"], "train/lrm": m["lrm"], "train/dt": info.dt,
+            **{f"train/{k}": v for k, v in m.items() if k not in ("loss", "lrm", "fresh")},
+            "data/cropped": batch["cropped"], "data/skipped": batch["skipped"]}
+
+    step, final_loss = run(step, done=lambda step: step >= num_steps, train=train, show=show, loop=loop, bar=bar,
+                           say=say, logger=logger, evaluate=evaluate, save=save, save_every=args.save_every,
+                           on_disk=resume_step)
     ckpt.wait()
     counts = {"cropped": int(_allsum(np.asarray([batch["cropped"]]))[0]),
               "skipped": int(_allsum(np.asarray([batch["skipped"]]))[0])}
@@ -360,7 +340,7 @@ def main(argv=None):
             say(f"held-out preference accuracy (implicit reward): {100 * first['acc']:.1f}% -> {100 * final['acc']:.1f}%"
                 f" | model prefers chosen (log-prob): {100 * first['logp_acc']:.1f}% -> {100 * final['logp_acc']:.1f}%"
                 f" | margin {first['margin']:.3f} -> {final['margin']:.3f}")
-        write_dpo_report(out_dir, tag, config, args, loop, counts, step, grad_accum, n_pairs, ema.value)
+        write_dpo_report(out_dir, tag, config, args, loop, counts, step, grad_accum, n_pairs, final_loss)
         say(f"done: {step} steps, checkpoint in {out_dir / 'checkpoints'}")
     logger.close()
     ckpt.close()

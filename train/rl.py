@@ -18,11 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import shutil
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import jax
@@ -30,13 +26,14 @@ import numpy as np
 from tqdm import tqdm
 
 from nanochat_jax import optim, sharding
-from nanochat_jax.checkpoint import (COMMIT_MARKER, Checkpointer, CheckpointError, RunDirError, checkpoint_dir, load_params,
-                                     newest_run, prepare_run_dir)
-from nanochat_jax.common import DTYPES, StopSignals, resolve_dtype, run_cli, tune_malloc
+from nanochat_jax.checkpoint import (Checkpointer, CheckpointError, RunDirError, check_writable, checkpoint_dir,
+                                     load_params, newest_run, prepare_run_dir)
+from nanochat_jax.common import DTYPES, StopSignals, need, resolve_dtype, run_cli, tune_malloc
 from nanochat_jax.config import GPTConfig
-from nanochat_jax.paths import home_dir
+from nanochat_jax.loop import removed_on_failure, run
+from nanochat_jax.paths import home_dir, tokenizer_dir
+from nanochat_jax.report import RunLogger, write_report
 from nanochat_jax.scheduler import Engine
-from nanochat_jax.report import RunLogger, StepTimer, write_report
 from nanochat_jax.tasks.common import Task
 from nanochat_jax.tokenizer import Tokenizer
 from nanochat_jax.train_step import init_train_state, make_train_step
@@ -65,16 +62,13 @@ class RLConfig:
         """Ranges (ValueError), so a typo fails before any model or task is loaded."""
         for name in ("num_epochs", "examples_per_step", "num_samples", "device_batch_size", "max_new_tokens",
                      "eval_examples"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.num_steps != -1 and self.num_steps < 1:
-            raise ValueError(f"--num-steps must be >= 1, or -1 for num_epochs over the task; got {self.num_steps}")
+            need(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        need(self.num_steps == -1 or self.num_steps >= 1,
+             f"--num-steps must be >= 1, or -1 for num_epochs over the task; got {self.num_steps}")
         for name in ("temperature", "top_k", "embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr", "init_lr_frac"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if self.num_samples % self.device_batch_size:
-            raise ValueError(f"--num-samples {self.num_samples} must be a multiple of --device-batch-size "
-                             f"{self.device_batch_size}")
+            need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        need(self.num_samples % self.device_batch_size == 0,
+             f"--num-samples {self.num_samples} must be a multiple of --device-batch-size {self.device_batch_size}")
 
 
 def rollout_batch(engine: Engine, conv: dict, task: Task, cfg: RLConfig, seed: int, seq_len: int, pad_id: int):
@@ -145,47 +139,32 @@ def train(params, config: GPTConfig, tok: Tokenizer, task: Task, cfg: RLConfig, 
         raise ValueError(f"device_batch_size {cfg.device_batch_size} (rows per pass) must divide over the "
                          f"{batch_devices} batch-sharded devices of mesh {mesh_spec}")
     state = init_train_state(config, tx, mesh, jax.random.key(0), dtype, params=params)
-    step_fn = make_train_step(config, tx, mesh, dtype=dtype, weighted=True)
+    train_step = make_train_step(config, tx, mesh, dtype=dtype)
     batch_sh = sharding.batch_sharding(mesh, leading=1)
     passes = cfg.num_samples // cfg.device_batch_size
     T = config.sequence_len
     pad = tok.encode_special("<|assistant_end|>")
     logger = RunLogger(out_dir, enabled=out_dir is not None and sharding.is_main_process()) if out_dir else None
     ckpt = Checkpointer(out_dir / "checkpoints", max_to_keep=2) if out_dir else None
-    records, cursor = [], rank
+    records, rec, cursor = [], {}, rank
     bar = tqdm(total=num_steps, desc="rl", disable=not sys.stderr.isatty())
     if not bar.disable and say is print:
         say = tqdm.write  # messages go above the bar, never through it
-    timer = StepTimer()
-    saved_step = None
-    for step in range(num_steps + 1):
-        last = step == num_steps
-        if stop is not None and not last and stop.requested():
-            from train.base_train import stop_with_checkpoint
 
-            bar.close()
-            save = (lambda s: ckpt.save(s, state, meta={"step": s, "model_config": config.to_dict(),
-                                                        "rl_config": dataclasses.asdict(cfg)}))
-            if ckpt is None:
-                print(f"stopped by {stop.name} at step {step} (no --out-dir: nothing saved)", file=sys.stderr)
-                raise SystemExit(stop.exit_code)
-            stop_with_checkpoint(ckpt, step, save if step != saved_step else None, stop, out_dir, say,
-                                 hint="RL has no --resume; evaluate or serve this checkpoint as it is")
+    def save(step):
+        ckpt.save(step, state, meta={"step": step, "model_config": config.to_dict(), "rl_config": dataclasses.asdict(cfg)})
+
+    def evaluate(step, last):
+        nonlocal rec
         rec = {"step": step}
         if val_task is not None and cfg.eval_every > 0 and (last or step % cfg.eval_every == 0):
             engine = Engine(jax.device_get(state.params), config, tok, dtype=dtype)
             pk = pass_at_k(engine, val_task, cfg.eval_examples, cfg.device_batch_size, cfg, seed=step)
             rec.update({f"pass@{k + 1}": float(v) for k, v in enumerate(pk)})
             say(f"step {step:05d} | " + " | ".join(f"pass@{k + 1} {v:.4f}" for k, v in enumerate(pk)))
-        if ckpt and (last or (cfg.save_every > 0 and step > 0 and step % cfg.save_every == 0)):
-            ckpt.save(step, state, meta={"step": step, "model_config": config.to_dict(),
-                                         "rl_config": dataclasses.asdict(cfg)})
-            saved_step = step
-        if last:
-            if len(rec) > 1:
-                records.append(rec)
-            break
-        t0 = time.perf_counter()
+
+    def train(step):
+        nonlocal state, cursor
         engine = Engine(jax.device_get(state.params), config, tok, dtype=dtype)
         ids, masks, rewards, lengths = [], [], [], []
         for e in range(per_rank):
@@ -204,25 +183,25 @@ def train(params, config: GPTConfig, tok: Tokenizer, task: Task, cfg: RLConfig, 
         per_pass = np.maximum(valid.sum(axis=(1, 2), keepdims=True), 1)
         weights = np.where(valid, adv.reshape(E * passes, cfg.device_batch_size, 1), 0.0) / (per_pass * passes * E)
         # minus: the train step minimizes Σ CE·w = −Σ logp·w, which is exactly −objective
-        state, _ = step_fn(state, sharding.global_batch(ids[..., :-1].reshape(shape), batch_sh),
-                           sharding.global_batch(targets.reshape(shape).astype(np.int32), batch_sh),
-                           sharding.global_batch(weights.astype(np.float32), batch_sh))
-        rec.update(reward=float(rewards.mean()), seq_len=float(np.mean(lengths)), lrm=1 - step / num_steps,
-                   dt=time.perf_counter() - t0)
-        if step > 0:  # the first step compiles
-            timer.add(rec["dt"])
-        eta = timer.eta(num_steps - step - 1)
+        state, _ = train_step(state, sharding.global_batch(ids[..., :-1].reshape(shape), batch_sh),
+                              sharding.global_batch(targets.reshape(shape).astype(np.int32), batch_sh),
+                              sharding.global_batch(weights.astype(np.float32), batch_sh))
+        return {"reward": float(rewards.mean()), "seq_len": float(np.mean(lengths)), "lrm": 1 - step / num_steps}
+
+    def show(info, m):
+        rec.update(m, dt=info.dt)
         records.append(rec)
-        if logger:
-            logger.log(step, **{f"rl/{k}": v for k, v in rec.items() if k != "step"})
-        line = f"step {step:05d}/{num_steps:05d} | reward {rec['reward']:.4f} | seq len {rec['seq_len']:.1f} | " \
+        eta = info.timer.eta(num_steps - info.step - 1)
+        line = f"step {info.step:05d}/{num_steps:05d} | reward {rec['reward']:.4f} | seq len {rec['seq_len']:.1f} | " \
                f"lrm {rec['lrm']:.3f} | dt {rec['dt']:.2f}s" + (f" | eta: {eta / 60:.1f}m" if eta is not None else "")
-        if bar.disable:
-            say(line)
-        else:
-            bar.update(1)
-            bar.set_postfix_str(f"reward {rec['reward']:.3f} | {rec['dt']:.2f}s/step")
-    bar.close()
+        return line, f"reward {rec['reward']:.3f} | {rec['dt']:.2f}s/step", {
+            f"rl/{k}": v for k, v in rec.items() if k != "step"}
+
+    run(0, done=lambda step: step == num_steps, train=train, show=show, loop={}, bar=bar, say=say, logger=logger,
+        evaluate=evaluate, save=save if ckpt else None, save_every=cfg.save_every, ckpt=ckpt, out_dir=out_dir,
+        stop=stop, hint="RL has no --resume; evaluate or serve this checkpoint as it is")
+    if len(rec) > 1:  # the evals after the last step
+        records.append(rec)
     if ckpt:
         ckpt.close()
     if logger:
@@ -251,8 +230,7 @@ def main(argv=None):
     cfg = RLConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RLConfig)})
     try:
         cfg.check()
-        if args.dtype is not None and args.dtype not in DTYPES:
-            raise ValueError(f"--dtype {args.dtype!r} is not one of {sorted(DTYPES)}")
+        need(args.dtype is None or args.dtype in DTYPES, f"--dtype {args.dtype!r} is not one of {sorted(DTYPES)}")
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     tune_malloc()  # before the backend starts: reuse freed host memory (common.tune_malloc)
@@ -261,41 +239,21 @@ def main(argv=None):
 
     # the tokenizer, the checkpoint and the output dir first: a task download may take a while
     try:
-        tok = Tokenizer.load(Path(args.tokenizer_dir) if args.tokenizer_dir else home_dir() / "tokenizer")
+        tok = Tokenizer.load(Path(args.tokenizer_dir) if args.tokenizer_dir else tokenizer_dir())
         sft_dir = Path(args.sft_dir) if args.sft_dir else Path(newest_run(home_dir() / "chatsft_checkpoints"))
         ckpt_dir = checkpoint_dir(sft_dir)
         params, config, _ = load_params(ckpt_dir)
         out_dir = Path(args.out_dir) if args.out_dir else home_dir() / "chatrl_checkpoints" / f"d{config.n_layer}"
         moved = prepare_run_dir(out_dir, resume=False, overwrite=args.overwrite)
-        _check_writable(out_dir)
-        created = not out_dir.exists()
+        check_writable(out_dir, "output directory", keep=False)
         task, _ = parse_entry(args.task, args.task_data_dir)
         val_task = None if args.val_task == "none" else parse_entry(args.val_task, args.task_data_dir)[0]
     except (ValueError, FileNotFoundError, OSError, CheckpointError, RunDirError) as e:
         raise SystemExit(f"error: {e}") from None
     if moved:
         print(f"moved the previous run in {out_dir} to {moved}")
-    try:
+    with removed_on_failure(out_dir):
         return _main(args, cfg, tok, ckpt_dir, params, config, out_dir, task, val_task)
-    except BaseException:
-        if created and not any(out_dir.glob(f"checkpoints/*/{COMMIT_MARKER}")):
-            shutil.rmtree(out_dir, ignore_errors=True)  # a run that failed before its first checkpoint leaves nothing
-        raise
-
-
-def _check_writable(out_dir: Path) -> None:
-    """Write a probe file in out_dir: an unwritable output fails now, not after the run. A directory made
-    for the probe is removed again (the run creates it), so a later failure leaves nothing behind."""
-    made = not out_dir.exists()
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_dir):
-            pass
-    except OSError as e:
-        raise OSError(f"cannot write the output directory {out_dir}: {e.strerror or e}") from None
-    finally:
-        if made and out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()
 
 
 def _main(args, cfg, tok, ckpt_dir, params, config, out_dir, task, val_task):

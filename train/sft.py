@@ -19,26 +19,25 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
 import sys
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from tqdm import tqdm
 
 from nanochat_jax import attention, flops, optim, sharding
-from nanochat_jax.checkpoint import (COMMIT_MARKER, Checkpointer, CheckpointError, CheckpointMismatchError, RunDirError,
+from nanochat_jax.checkpoint import (Checkpointer, CheckpointError, CheckpointMismatchError, RunDirError,
                                      abstract_train_state, checkpoint_dir, newest_run, prepare_run_dir)
-from nanochat_jax.common import DTYPES, StopSignals, mfu, peak_flops, resolve_dtype, run_cli, tune_malloc
+from nanochat_jax.common import DTYPES, StopSignals, mfu, need, peak_flops, resolve_dtype, run_cli
 from nanochat_jax.config import GPTConfig
-from nanochat_jax.paths import home_dir
+from nanochat_jax.paths import home_dir, tokenizer_dir
 from nanochat_jax.data.sft import SFTPackIterDataset, sft_lr_multiplier
 from nanochat_jax.scheduler import Engine
 from nanochat_jax.evals.bpb import evaluate_bpb
-from nanochat_jax.report import LossEMA, RunLogger, StepTimer, format_step_line, write_report
+from nanochat_jax.loop import (add_run_args, any_process, next_batch, open_checkpointer, removed_on_failure, resume, run,
+                               start_run)
+from nanochat_jax.report import RunLogger, format_step_line, write_report
 from nanochat_jax.tasks.spec import parse_mixture
 from nanochat_jax.tokenizer import Tokenizer
 from nanochat_jax.train_step import TrainState, init_train_state, make_train_step
@@ -80,14 +79,8 @@ def parse_args(argv=None):
     a("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept (>= 1; the final one always is)")
     a("--resume", action="store_true", help="continue from the latest intact checkpoint in --out-dir")
     a("--resume-step", type=int, default=None, help="continue from this step (implies --resume)")
-    a("--overwrite", action="store_true", help="move a run already in --out-dir aside to <out-dir>.replaced-<time>")
     a("--debug", action="store_true", help="tracebacks instead of one-line errors")
-    a("--model-tag", default=None)
-    a("--mesh", default="data=-1")
-    a("--dtype", default=None)
-    a("--attention", default="auto")
-    a("--tokenizer-dir", default=None)
-    a("--out-dir", default=None, help="default $NANOCHAT_JAX_HOME/chatsft_checkpoints/<tag>")
+    add_run_args(a, "default $NANOCHAT_JAX_HOME/chatsft_checkpoints/<tag>")
     args = ap.parse_args(argv)
     if args.resume_step is not None:
         args.resume = True
@@ -96,9 +89,6 @@ def parse_args(argv=None):
 
 def check_args(args) -> None:
     """Ranges, before anything is read or created (ValueError)."""
-    def need(ok, msg):
-        if not ok:
-            raise ValueError(msg)
     need(args.num_iterations == -1 or args.num_iterations >= 1,
          f"--num-iterations must be >= 1, or -1 for one epoch; got {args.num_iterations}")
     for name in ("max_seq_len", "device_batch_size", "total_batch_size"):
@@ -183,21 +173,14 @@ def _restart_muon_count(opt_state):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        check_args(args)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    tune_malloc()  # before the backend starts: reuse freed host memory (common.tune_malloc)
-    sharding.initialize_distributed()  # multi-host: flags via NANOCHAT_COORDINATOR etc. (runs/gpu_multinode.sh)
-    jax.config.update("jax_compilation_cache_dir", str(home_dir() / "jax_cache"))
-    main_proc = sharding.is_main_process()
+    main_proc = start_run(args, check_args)
     say = print if main_proc else (lambda *a, **k: None)
     # cheap checks first (tokenizer, base checkpoint, run dir), then the task data (may download)
     try:
         dtype = resolve_dtype(args.dtype)
         if args.attention != "auto":
             attention.resolve_backend(args.attention, dtype)
-        tok = Tokenizer.load(Path(args.tokenizer_dir) if args.tokenizer_dir else home_dir() / "tokenizer")
+        tok = Tokenizer.load(Path(args.tokenizer_dir) if args.tokenizer_dir else tokenizer_dir())
         args.base_ckpt_dir = None if args.nanochat else str(base_checkpoint_dir(args))
         out_dir = Path(args.out_dir) if args.out_dir else None
         if out_dir is None and args.base_ckpt_dir is not None:
@@ -214,19 +197,11 @@ def main(argv=None):
         raise SystemExit(f"error: {e}{hint}") from None
     if moved:
         say(f"moved the previous run in {out_dir} to {moved}")
-    created = out_dir is not None and not out_dir.exists()
-    try:
-        with StopSignals() as stop:
-            return _train(args, tok, dtype, mesh, train_tasks, val_tasks, main_proc, say, out_dir, stop)
-    except BaseException:
-        if created and main_proc and not any(out_dir.glob(f"checkpoints/*/{COMMIT_MARKER}")):
-            shutil.rmtree(out_dir, ignore_errors=True)  # a run that failed before its first checkpoint leaves nothing
-        raise
+    with removed_on_failure(out_dir, main_proc), StopSignals() as stop:
+        return _train(args, tok, dtype, mesh, train_tasks, val_tasks, main_proc, say, out_dir, stop)
 
 
 def _train(args, tok, dtype, mesh, train_tasks, val_tasks, main_proc, say, out_dir, stop):
-    from train.base_train import resume, stop_with_checkpoint
-
     def tx_for(config, inh):
         f = args.init_lr_frac  # every group, the fixed-LR scalars included, as upstream's loop over param_groups
         return optim.make_optimizer(config, 1, embedding_lr=inh["embedding_lr"], unembedding_lr=inh["unembedding_lr"],
@@ -274,10 +249,7 @@ def _train(args, tok, dtype, mesh, train_tasks, val_tasks, main_proc, say, out_d
     elif args.chatcore_every > 0:
         chat_tasks = load_chatcore_tasks(args, say)
 
-    try:
-        ckpt = Checkpointer(out_dir / "checkpoints", max_to_keep=args.keep_checkpoints)
-    except OSError as e:
-        raise SystemExit(f"error: cannot write the run directory {out_dir}: {e}") from None
+    ckpt = open_checkpointer(out_dir, args.keep_checkpoints)
     step, val_bpb, loop = 0, None, {"consumed": 0, "ema_smooth": 0.0, "ema_n": 0, "total_training_time": 0.0}
     if args.resume:
         state, meta = resume(ckpt, args.resume_step, abstract_train_state(config, tx, mesh, dtype), train_iter,
@@ -286,32 +258,26 @@ def _train(args, tok, dtype, mesh, train_tasks, val_tasks, main_proc, say, out_d
         say(f"resumed from step {step}")
     resume_step = step
 
-    train_step = make_train_step(config, tx, mesh, dtype=dtype, backend=args.attention, lr_scaled=True)
+    train_step = make_train_step(config, tx, mesh, dtype=dtype, backend=args.attention)
     logger = RunLogger(out_dir, enabled=main_proc)
-    ema = LossEMA(beta=0.9, smooth=loop["ema_smooth"], n=loop["ema_n"])
     n_convs, tokens_per_step = len(train_tasks), inh["total_batch_size"]
     est_steps = args.num_iterations if args.num_iterations > 0 else None
     bar = tqdm(total=est_steps, initial=step, disable=not main_proc or not sys.stderr.isatty(), desc=f"sft {tag}")
     if not bar.disable:
         say = tqdm.write  # messages go above the bar, never through it
     flops_per_token, peak = flops.estimate_flops(config), peak_flops()
-    timer = StepTimer()
 
     def save(step):
-        meta = {"step": step, "val_bpb": val_bpb, "model_config": config.to_dict(),
-                "user_config": vars(args),
-                "inherited": inh, "base": {"step": base_meta.get("step")}, "max_seq_len": T,
-                "device_batch_size": inh["device_batch_size"], "total_batch_size": inh["total_batch_size"],
-                "loop_state": {**loop, "ema_smooth": ema.smooth, "ema_n": ema.n}}
+        meta = {"step": step, "val_bpb": val_bpb, "model_config": config.to_dict(), "user_config": vars(args),
+                "inherited": inh, "base": {"step": base_meta.get("step")}, "max_seq_len": T, "loop_state": dict(loop),
+                "device_batch_size": inh["device_batch_size"], "total_batch_size": inh["total_batch_size"]}
         ckpt.save(step, state, data_iterator=train_iter, meta=meta)
 
-    last = False
-    while True:
-        done = step >= args.num_iterations if args.num_iterations > 0 else loop["consumed"] >= n_convs
-        last = _any_process(done)
-        if not last and stop.requested():
-            bar.close()
-            stop_with_checkpoint(ckpt, step, save if step != resume_step else None, stop, out_dir, say)
+    def done(step):
+        return any_process(step >= args.num_iterations if args.num_iterations > 0 else loop["consumed"] >= n_convs)
+
+    def evaluate(step, last):
+        nonlocal val_bpb
         if eval_batches is not None and (last or step % args.eval_every == 0):
             val_bpb = evaluate_bpb(state.params, eval_batches, config, tok.token_bytes, dtype=dtype,
                                    backend=args.attention)
@@ -322,44 +288,37 @@ def _train(args, tok, dtype, mesh, train_tasks, val_tasks, main_proc, say, out_d
             say(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in scores.items()))
             logger.log(step, **{(k if k.startswith("chatcore") else f"chatcore/{k}"): v for k, v in scores.items()})
             loop["chatcore"] = scores.get("chatcore")
-        if (last or (args.save_every > 0 and step > 0 and step % args.save_every == 0)) and step != resume_step:
-            save(step)  # not at the step resumed from: that one is on disk already
-        if last:
-            break
-        t0 = time.perf_counter()
-        micro = [next(train_iter) for _ in range(grad_accum)]
+
+    def train(step):
+        nonlocal state
+        micro, inputs, targets = next_batch(train_iter, grad_accum, batch_sh)
         loop["consumed"] = micro[-1]["consumed"]
         progress = min(1.0, (step + 1) / args.num_iterations if args.num_iterations > 0 else loop["consumed"] / n_convs)
         lrm = sft_lr_multiplier(progress, args.warmdown_ratio, args.final_lr_frac)
-        inputs = sharding.global_batch(np.stack([b["inputs"] for b in micro]), batch_sh)
-        targets = sharding.global_batch(np.stack([b["targets"] for b in micro]), batch_sh)
-        state, metrics = train_step(state, inputs, targets, lrm)
-        loss = float(metrics["loss"])
-        dt = time.perf_counter() - t0
-        if step - resume_step >= 1:
-            loop["total_training_time"] += dt
-            timer.add(dt)
-        smooth = ema.update(loss)
-        step_mfu = mfu(flops_per_token, tokens_per_step, dt, jax.device_count(), peak)
+        state, metrics = train_step(state, inputs, targets, lrm=lrm)
+        return {"loss": float(metrics["loss"]), "lrm": lrm, "progress": progress, "epoch": micro[-1]["epoch"]}
+
+    def show(info, m):
+        step, dt, progress = info.step, info.dt, m["progress"]
         num_steps = est_steps or round((step + 1) / max(progress, 1e-9))
-        line = format_step_line(step=step, num_steps=num_steps, loss=smooth, lrm=lrm, dt=dt,
-                                tokens_per_step=tokens_per_step, mfu=step_mfu, total_time=loop["total_training_time"],
-                                epoch=micro[-1]["epoch"], eta=timer.eta(num_steps - step - 1))
-        if bar.disable:
-            say(line + f" | progress: {100 * progress:.1f}%")
-        else:
-            bar.update(1)
-            bar.set_postfix_str(f"loss {smooth:.4f} | {tokens_per_step / dt:,.0f} tok/s | progress {100 * progress:.0f}%")
-        logger.log(step, **{"train/loss": smooth, "train/loss_raw": loss, "train/lrm": lrm, "train/dt": dt,
-                            "train/progress": progress})
-        step += 1
-    bar.close()
+        line = format_step_line(step=step, num_steps=num_steps, loss=info.loss, lrm=m["lrm"], dt=dt,
+                                tokens_per_step=tokens_per_step,
+                                mfu=mfu(flops_per_token, tokens_per_step, dt, jax.device_count(), peak),
+                                total_time=info.total_time, epoch=m["epoch"], eta=info.timer.eta(num_steps - step - 1))
+        return (line + f" | progress: {100 * progress:.1f}%",
+                f"loss {info.loss:.4f} | {tokens_per_step / dt:,.0f} tok/s | progress {100 * progress:.0f}%",
+                {"train/loss": info.loss, "train/loss_raw": m["loss"], "train/lrm": m["lrm"], "train/dt": dt,
+                 "train/progress": progress})
+
+    step, final_loss = run(step, done=done, train=train, show=show, loop=loop, bar=bar, say=say, logger=logger,
+                           evaluate=evaluate, save=save, save_every=args.save_every, on_disk=resume_step, ckpt=ckpt,
+                           out_dir=out_dir, stop=stop)
     ckpt.wait()
     if main_proc:
         write_report(out_dir, f"sft {tag}", {
             "model": {"depth": config.n_layer, "n_embd": config.n_embd, "sequence_len": T},
             "run": {"steps": step, "conversations": n_convs, "grad_accum": grad_accum, "mixture": args.mixture,
-                    "final_val_bpb": val_bpb, "final_train_loss": ema.value, "final_chatcore": loop.get("chatcore"),
+                    "final_val_bpb": val_bpb, "final_train_loss": final_loss, "final_chatcore": loop.get("chatcore"),
                     "total_training_time_s": loop["total_training_time"]},
         }, out_dir / "metrics.jsonl")
         say(f"done: {step} steps, val bpb {val_bpb}, checkpoint in {out_dir / 'checkpoints'}")
@@ -387,14 +346,6 @@ def run_chatcore(params, config, tok, dtype, tasks, args, batch_size) -> dict:
     engine = Engine(jax.device_get(params), config, tok, dtype=dtype)
     return evaluate(engine, tasks, batch_size=batch_size, max_problems=args.chatcore_max_cat,
                     max_generative=args.chatcore_max_sample, max_tokens=512, say=lambda *a: None)
-
-
-def _any_process(flag: bool) -> bool:
-    """upstream all-reduces last_step with MAX: stop when any process has finished its epoch."""
-    if jax.process_count() == 1:
-        return bool(flag)
-    from jax.experimental import multihost_utils
-    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
 
 
 if __name__ == "__main__":
