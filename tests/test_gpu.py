@@ -16,7 +16,7 @@ import pytest
 
 from helpers import needs_torch, torch
 from test_engine import ByteTokenizer
-from nanochat_jax import engine, model, optim, scheduler, sharding
+from nanochat_jax import model, optim, scheduler, sharding
 from nanochat_jax.config import GPTConfig
 from nanochat_jax.convert import params_from_state_dict, state_dict_from_params
 from nanochat_jax.train_step import init_train_state, make_train_step
