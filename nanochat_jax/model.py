@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from nanochat_jax.attention import attention, resolve_backend
+from nanochat_jax.attention import attention, cached_attention, resolve_backend
 from nanochat_jax.common import resolve_dtype
 from nanochat_jax.config import SMEAR_CHANNELS, VE_GATE_CHANNELS, GPTConfig
 from nanochat_jax.sharding import constrain_activations
@@ -77,20 +78,33 @@ def rms_norm(x):
     return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
-def rotary_tables(T: int, head_dim: int, dtype, offset=0):
-    """cos/sin of shape (T, head_dim/2), computed in fp32 then cast, as upstream does."""
+def rotary_tables(pos_BT, head_dim: int, dtype):
+    """cos/sin of shape (B, T, head_dim/2) at each token's position, computed in fp32 then cast, as upstream does."""
     inv_freq = 1.0 / (ROPE_BASE ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    t = jnp.arange(T, dtype=jnp.float32) + offset
-    freqs = jnp.outer(t, inv_freq)
+    freqs = pos_BT.astype(jnp.float32)[..., None] * inv_freq
     return jnp.cos(freqs).astype(dtype), jnp.sin(freqs).astype(dtype)
 
 
-def apply_rotary(x_BTHD, cos_TD, sin_TD):
+def apply_rotary(x_BTHD, cos_BTD, sin_BTD):
     """Half-split pairing with nanochat's sign (a rotation by -θ)."""
     d = x_BTHD.shape[-1] // 2
     x1, x2 = x_BTHD[..., :d], x_BTHD[..., d:]
-    cos, sin = cos_TD[None, :, None, :], sin_TD[None, :, None, :]
+    cos, sin = cos_BTD[:, :, None, :], sin_BTD[:, :, None, :]
     return jnp.concatenate([x1 * cos + x2 * sin, x2 * cos - x1 * sin], axis=-1)
+
+
+class KVCache(NamedTuple):
+    """What decoding remembers of each row (docs/numerics.md#generation).
+
+    One (row, kv head, position, head dim) buffer per layer: heads before time, so decode
+    attention batches over contiguous blocks, and a layer is read in place (one stacked
+    array would be copied whole every step).
+    """
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+    lengths_B: jax.Array  # int32 tokens cached per row: the position of the row's next token
+    prev_BC: jax.Array  # normalized pre-smear embedding of the last cached token (the smear's left neighbour)
 
 
 class Linear(nn.Module):
@@ -116,7 +130,10 @@ class Attention(nn.Module):
     backend: str
 
     @nn.compact
-    def __call__(self, x_BTC, ve_BTK, cos_TD, sin_TD):
+    def __call__(self, x_BTC, ve_BTK, cos_BTD, sin_BTD, kv=None, pos_BT=None, write_BT=None):
+        """kv=None: causal attention over x itself. Else (k, v) cache buffers of this layer:
+        the new k/v are written at write_BT (out of range: dropped) and the queries at
+        pos_BT attend the cache; returns (y, updated kv)."""
         cfg = self.config
         B, T, C = x_BTC.shape
         H, Hkv, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
@@ -127,10 +144,17 @@ class Attention(nn.Module):
         if ve_BTK is not None:  # ResFormer value residual, gated per kv head in (0, 3)
             gate = Linear(Hkv, (None, None), _uniform(0.0, 0.02), name="ve_gate")(x_BTC[..., :VE_GATE_CHANNELS])
             v = v + (3 * jax.nn.sigmoid(gate))[..., None] * ve_BTK.reshape(B, T, Hkv, hd)
-        q, k = apply_rotary(q, cos_TD, sin_TD), apply_rotary(k, cos_TD, sin_TD)
+        q, k = apply_rotary(q, cos_BTD, sin_BTD), apply_rotary(k, cos_BTD, sin_BTD)
         q, k = rms_norm(q) * QK_SCALE, rms_norm(k) * QK_SCALE
-        y = attention(q, k, v, window_left=cfg.window_sizes[self.layer], backend=self.backend)
-        return Linear(C, ("heads", "embed"), nn.initializers.zeros, name="c_proj")(y.reshape(B, T, H * hd))
+        window = cfg.window_sizes[self.layer]
+        if kv is None:
+            y = attention(q, k, v, window_left=window, backend=self.backend)
+        else:
+            row_BT = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
+            # Advanced indices around a slice: the indexed view is (B, T, Hkv, hd), k's own shape.
+            kv = tuple(c.at[row_BT, :, write_BT].set(new.astype(c.dtype), mode="drop") for c, new in zip(kv, (k, v)))
+            y = cached_attention(q, *kv, pos_BT, window_left=window).astype(x_BTC.dtype)
+        return Linear(C, ("heads", "embed"), nn.initializers.zeros, name="c_proj")(y.reshape(B, T, H * hd)), kv
 
 
 class MLP(nn.Module):
@@ -149,9 +173,11 @@ class Block(nn.Module):
     backend: str
 
     @nn.compact
-    def __call__(self, x_BTC, ve_BTK, cos_TD, sin_TD):
-        x_BTC = x_BTC + Attention(self.config, self.layer, self.backend, name="attn")(rms_norm(x_BTC), ve_BTK, cos_TD, sin_TD)
-        return x_BTC + MLP(name="mlp")(rms_norm(x_BTC))
+    def __call__(self, x_BTC, ve_BTK, cos_BTD, sin_BTD, *cached):
+        y, kv = Attention(self.config, self.layer, self.backend, name="attn")(rms_norm(x_BTC), ve_BTK, cos_BTD, sin_BTD,
+                                                                              *cached)
+        x_BTC = x_BTC + y
+        return x_BTC + MLP(name="mlp")(rms_norm(x_BTC)), kv
 
 
 class GPT(nn.Module):
@@ -165,8 +191,16 @@ class GPT(nn.Module):
         return self.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
     @nn.compact
-    def __call__(self, tokens_BT, head: bool = True):
-        """head=False returns the final normed hidden states (B, T, C) instead of logits."""
+    def __call__(self, tokens_BT, head: bool = True, cache: KVCache | None = None, n_new_B=None,
+                 last_only: bool = False):
+        """head=False returns the final normed hidden states (B, T, C) instead of logits.
+
+        With a cache the tokens sit at positions cache.lengths_B + t, and only the first
+        n_new_B of a row are real: the others (prompt padding, idle rows) write nothing
+        and no real query sees them. Returns (logits, the cache with them added);
+        last_only keeps the logits (B, 1, V) of each row's last real token only (prefill
+        skips the vocabulary-sized head everywhere else).
+        """
         cfg, cd = self.config, self.dtype
         B, T = tokens_BT.shape
         C, L, Vp = cfg.n_embd, cfg.n_layer, cfg.padded_vocab_size
@@ -176,15 +210,28 @@ class GPT(nn.Module):
         x0_lambdas = self._param("x0_lambdas", _ramp(0.20, 0.05), (L,), (None,))
         smear_lambda = self._param("smear_lambda", _const(0.0), (1,), (None,))
         backout_lambda = self._param("backout_lambda", _const(0.2), (1,), (None,))
+        smear_gate = Linear(1, (None, None), _uniform(0.0, 0.02), name="smear_gate")
 
         x = rms_norm(wte[tokens_BT].astype(cd))
         # Smear: mix the previous token's embedding into each position (a cheap bigram).
-        gate_BT1 = smear_lambda.astype(cd) * jax.nn.sigmoid(
-            Linear(1, (None, None), _uniform(0.0, 0.02), name="smear_gate")(x[:, 1:, :SMEAR_CHANNELS]))
-        x = constrain_activations(jnp.concatenate([x[:, :1], x[:, 1:] + gate_BT1 * x[:, :-1]], axis=1))
+        if cache is None:
+            pos_BT = jnp.arange(T)[None]
+            gate_BT1 = smear_lambda.astype(cd) * jax.nn.sigmoid(smear_gate(x[:, 1:, :SMEAR_CHANNELS]))
+            x = jnp.concatenate([x[:, :1], x[:, 1:] + gate_BT1 * x[:, :-1]], axis=1)
+        else:  # position 0 of a chunk takes its neighbour from the cache; position 0 of a sequence has none
+            pos_BT = cache.lengths_B[:, None] + jnp.arange(T)[None]
+            last_B = jnp.maximum(n_new_B - 1, 0)
+            prev_BC = jnp.where((n_new_B > 0)[:, None], x[jnp.arange(B), last_B], cache.prev_BC.astype(cd))
+            prev_BTC = jnp.concatenate([cache.prev_BC.astype(cd)[:, None], x[:, :-1]], axis=1)
+            gate_BT1 = smear_lambda.astype(cd) * jax.nn.sigmoid(smear_gate(x[..., :SMEAR_CHANNELS]))
+            x = jnp.where((pos_BT > 0)[..., None], x + gate_BT1 * prev_BTC, x)
+            # The cache holds S positions: index S is out of range, and the scatter drops it.
+            write_BT = jnp.where(jnp.arange(T)[None] < n_new_B[:, None], pos_BT, cache.k[0].shape[2])
+            k_cache, v_cache = list(cache.k), list(cache.v)
+        x = constrain_activations(x)
         x0 = x
 
-        cos, sin = rotary_tables(T, cfg.head_dim, cd)
+        cos, sin = rotary_tables(pos_BT, cfg.head_dim, cd)
         x_backout = None
         for i in range(L):
             x = resid_lambdas[i].astype(cd) * x + x0_lambdas[i].astype(cd) * x0
@@ -192,16 +239,25 @@ class GPT(nn.Module):
             if cfg.has_ve(i):
                 table = self._param(f"ve_{i}", _uniform(-s, s), (Vp, cfg.kv_dim), ("ve_vocab", "kv_heads"), cd)
                 ve = table[tokens_BT].astype(cd)
-            x = constrain_activations(Block(cfg, i, self.backend, name=f"h_{i}")(x, ve, cos, sin))
+            cached = () if cache is None else ((k_cache[i], v_cache[i]), pos_BT, write_BT)
+            x, kv = Block(cfg, i, self.backend, name=f"h_{i}")(x, ve, cos, sin, *cached)
+            x = constrain_activations(x)
+            if cache is not None:
+                k_cache[i], v_cache[i] = kv
             if i == cfg.backout_layer:
                 x_backout = x
+        if last_only:
+            x, x_backout = (a[jnp.arange(B), last_B][:, None] for a in (x, x_backout))
         x = x - backout_lambda.astype(cd) * x_backout
         x = rms_norm(x)
         if not head:
             return x
         logits = Linear(Vp, ("embed", "vocab"), _normal(0.001), name="lm_head")(x)
         logits = logits[..., :cfg.vocab_size].astype(jnp.float32)
-        return SOFTCAP * jnp.tanh(logits / SOFTCAP)
+        logits = SOFTCAP * jnp.tanh(logits / SOFTCAP)
+        if cache is None:
+            return logits
+        return logits, KVCache(tuple(k_cache), tuple(v_cache), cache.lengths_B + n_new_B, prev_BC)
 
 
 # ---- the functional boundary -----------------------------------------------------------
@@ -227,9 +283,11 @@ def param_logical_axes(config: GPTConfig) -> dict:
     return nn.get_partition_spec(abstract)
 
 
-def forward(params, tokens_BT, config: GPTConfig, *, dtype=None, backend=None):
-    """Pure forward: fp32 softcapped logits (B, T, vocab_size)."""
-    return _module(config, dtype, backend).apply({"params": params}, tokens_BT)
+def forward(params, tokens_BT, config: GPTConfig, *, dtype=None, backend=None, cache: KVCache | None = None,
+            n_new_B=None, last_only: bool = False):
+    """Pure forward: fp32 softcapped logits (B, T, vocab_size); with a cache, (logits, cache) (GPT.__call__)."""
+    return _module(config, dtype, backend).apply({"params": params}, tokens_BT, cache=cache, n_new_B=n_new_B,
+                                                 last_only=last_only)
 
 
 def cross_entropy(logits_BTV, targets_BT, reduction: str = "mean"):
