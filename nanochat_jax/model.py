@@ -2,8 +2,8 @@
 
 Linen gives us a plain nested-dict parameter pytree and a pure `apply`, so everything
 that runs (`forward`, `loss_fn`, later `train_step` and the engine) is a function of
-pytrees that jits with explicit shardings. Every parameter carries logical axis names
-(`param_logical_axes`); sharding.py maps them onto a mesh.
+pytrees that jits with explicit shardings. Every parameter's logical axis names are
+declared in AXES (`param_axes` gives the tree without tracing); sharding.py maps them onto a mesh.
 
 Numerics follow upstream's dtype policy (docs/numerics.md#dtypes): matrices are fp32
 masters cast to the activation dtype at use; `wte` and value-embedding tables are stored
@@ -23,6 +23,7 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from nanochat_jax.attention import attention, cached_attention, resolve_backend
 from nanochat_jax.common import resolve_dtype
@@ -39,6 +40,16 @@ def linear_fans(kernel_shape) -> tuple[int, int]:
     """(fan_in, fan_out) of a Flax kernel stored (in, out); torch's weight is its transpose."""
     fan_in, fan_out = kernel_shape[-2], kernel_shape[-1]
     return fan_in, fan_out
+
+
+# Logical axes of each parameter, by its name in the tree (a block's by "attn/..", "mlp/.."):
+# sharding.RULES maps them onto mesh axes. The modules box their params with these names.
+AXES = {
+    "wte": ("vocab", "embed"), "ve": ("ve_vocab", "kv_heads"), "lm_head": ("embed", "vocab"),
+    "lambda": (None,), "smear_gate": (None, None), "attn/ve_gate": (None, None),
+    "attn/c_q": ("embed", "heads"), "attn/c_k": ("embed", "kv_heads"), "attn/c_v": ("embed", "kv_heads"),
+    "attn/c_proj": ("heads", "embed"), "mlp/c_fc": ("embed", "mlp"), "mlp/c_proj": ("mlp", "embed"),
+}
 
 
 # ---- initializers (docs/numerics.md#init) ---------------------------------------------
@@ -138,11 +149,11 @@ class Attention(nn.Module):
         B, T, C = x_BTC.shape
         H, Hkv, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         s = math.sqrt(3) * C ** -0.5
-        q = Linear(H * hd, ("embed", "heads"), _uniform(-s, s), name="c_q")(x_BTC).reshape(B, T, H, hd)
-        k = Linear(Hkv * hd, ("embed", "kv_heads"), _uniform(-s, s), name="c_k")(x_BTC).reshape(B, T, Hkv, hd)
-        v = Linear(Hkv * hd, ("embed", "kv_heads"), _uniform(-s, s), name="c_v")(x_BTC).reshape(B, T, Hkv, hd)
+        q = Linear(H * hd, AXES["attn/c_q"], _uniform(-s, s), name="c_q")(x_BTC).reshape(B, T, H, hd)
+        k = Linear(Hkv * hd, AXES["attn/c_k"], _uniform(-s, s), name="c_k")(x_BTC).reshape(B, T, Hkv, hd)
+        v = Linear(Hkv * hd, AXES["attn/c_v"], _uniform(-s, s), name="c_v")(x_BTC).reshape(B, T, Hkv, hd)
         if ve_BTK is not None:  # ResFormer value residual, gated per kv head in (0, 3)
-            gate = Linear(Hkv, (None, None), _uniform(0.0, 0.02), name="ve_gate")(x_BTC[..., :VE_GATE_CHANNELS])
+            gate = Linear(Hkv, AXES["attn/ve_gate"], _uniform(0.0, 0.02), name="ve_gate")(x_BTC[..., :VE_GATE_CHANNELS])
             v = v + (3 * jax.nn.sigmoid(gate))[..., None] * ve_BTK.reshape(B, T, Hkv, hd)
         q, k = apply_rotary(q, cos_BTD, sin_BTD), apply_rotary(k, cos_BTD, sin_BTD)
         q, k = rms_norm(q) * QK_SCALE, rms_norm(k) * QK_SCALE
@@ -154,7 +165,7 @@ class Attention(nn.Module):
             # Advanced indices around a slice: the indexed view is (B, T, Hkv, hd), k's own shape.
             kv = tuple(c.at[row_BT, :, write_BT].set(new.astype(c.dtype), mode="drop") for c, new in zip(kv, (k, v)))
             y = cached_attention(q, *kv, pos_BT, window_left=window).astype(x_BTC.dtype)
-        return Linear(C, ("heads", "embed"), nn.initializers.zeros, name="c_proj")(y.reshape(B, T, H * hd)), kv
+        return Linear(C, AXES["attn/c_proj"], nn.initializers.zeros, name="c_proj")(y.reshape(B, T, H * hd)), kv
 
 
 class MLP(nn.Module):
@@ -162,9 +173,9 @@ class MLP(nn.Module):
     def __call__(self, x_BTC):
         C = x_BTC.shape[-1]
         s = math.sqrt(3) * C ** -0.5
-        h = Linear(4 * C, ("embed", "mlp"), _uniform(-0.4 * s, 0.4 * s), name="c_fc")(x_BTC)
+        h = Linear(4 * C, AXES["mlp/c_fc"], _uniform(-0.4 * s, 0.4 * s), name="c_fc")(x_BTC)
         h = jnp.square(jax.nn.relu(h))
-        return Linear(C, ("mlp", "embed"), nn.initializers.zeros, name="c_proj")(h)
+        return Linear(C, AXES["mlp/c_proj"], nn.initializers.zeros, name="c_proj")(h)
 
 
 class Block(nn.Module):
@@ -205,12 +216,12 @@ class GPT(nn.Module):
         B, T = tokens_BT.shape
         C, L, Vp = cfg.n_embd, cfg.n_layer, cfg.padded_vocab_size
         s = math.sqrt(3) * C ** -0.5
-        wte = self._param("wte", _normal(0.8), (Vp, C), ("vocab", "embed"), cd)
-        resid_lambdas = self._param("resid_lambdas", _ramp(1.15, 1.05), (L,), (None,))
-        x0_lambdas = self._param("x0_lambdas", _ramp(0.20, 0.05), (L,), (None,))
-        smear_lambda = self._param("smear_lambda", _const(0.0), (1,), (None,))
-        backout_lambda = self._param("backout_lambda", _const(0.2), (1,), (None,))
-        smear_gate = Linear(1, (None, None), _uniform(0.0, 0.02), name="smear_gate")
+        wte = self._param("wte", _normal(0.8), (Vp, C), AXES["wte"], cd)
+        resid_lambdas = self._param("resid_lambdas", _ramp(1.15, 1.05), (L,), AXES["lambda"])
+        x0_lambdas = self._param("x0_lambdas", _ramp(0.20, 0.05), (L,), AXES["lambda"])
+        smear_lambda = self._param("smear_lambda", _const(0.0), (1,), AXES["lambda"])
+        backout_lambda = self._param("backout_lambda", _const(0.2), (1,), AXES["lambda"])
+        smear_gate = Linear(1, AXES["smear_gate"], _uniform(0.0, 0.02), name="smear_gate")
 
         x = rms_norm(wte[tokens_BT].astype(cd))
         # Smear: mix the previous token's embedding into each position (a cheap bigram).
@@ -237,7 +248,7 @@ class GPT(nn.Module):
             x = resid_lambdas[i].astype(cd) * x + x0_lambdas[i].astype(cd) * x0
             ve = None
             if cfg.has_ve(i):
-                table = self._param(f"ve_{i}", _uniform(-s, s), (Vp, cfg.kv_dim), ("ve_vocab", "kv_heads"), cd)
+                table = self._param(f"ve_{i}", _uniform(-s, s), (Vp, cfg.kv_dim), AXES["ve"], cd)
                 ve = table[tokens_BT].astype(cd)
             cached = () if cache is None else ((k_cache[i], v_cache[i]), pos_BT, write_BT)
             x, kv = Block(cfg, i, self.backend, name=f"h_{i}")(x, ve, cos, sin, *cached)
@@ -252,7 +263,7 @@ class GPT(nn.Module):
         x = rms_norm(x)
         if not head:
             return x
-        logits = Linear(Vp, ("embed", "vocab"), _normal(0.001), name="lm_head")(x)
+        logits = Linear(Vp, AXES["lm_head"], _normal(0.001), name="lm_head")(x)
         logits = logits[..., :cfg.vocab_size].astype(jnp.float32)
         logits = SOFTCAP * jnp.tanh(logits / SOFTCAP)
         if cache is None:
@@ -267,20 +278,27 @@ def _module(config, dtype=None, backend=None) -> GPT:
     return GPT(config, dtype=dtype, backend=resolve_backend(backend, dtype))
 
 
-def _boxed_params(config, key, dtype=None):
-    return _module(config, dtype, "xla").init(key, jnp.zeros((1, 2), jnp.int32))["params"]
-
-
 def init_params(config: GPTConfig, key, dtype=None) -> dict:
     """Fresh parameters (upstream's init, docs/numerics.md#init) as a plain nested dict of arrays."""
-    dtype = resolve_dtype(dtype)
-    return jax.jit(lambda k: nn.meta.unbox(_boxed_params(config, k, dtype)))(key)
+    module = _module(config, dtype, "xla")
+    return jax.jit(lambda k: nn.meta.unbox(module.init(k, jnp.zeros((1, 2), jnp.int32))["params"]))(key)
 
 
-def param_logical_axes(config: GPTConfig) -> dict:
-    """A pytree like the params whose leaves are PartitionSpecs of logical axis names."""
-    abstract = jax.eval_shape(lambda: _boxed_params(config, jax.random.key(0), jnp.float32))
-    return nn.get_partition_spec(abstract)
+def param_axes(config: GPTConfig) -> dict:
+    """A pytree like the params whose leaves are PartitionSpecs of logical axis names, from AXES (no tracing)."""
+    def linear(name):
+        return {"kernel": P(*AXES[name])}
+
+    def block(i):
+        attn = {name: linear(f"attn/{name}") for name in ("c_q", "c_k", "c_v", "c_proj")}
+        if config.has_ve(i):
+            attn["ve_gate"] = linear("attn/ve_gate")
+        return {"attn": attn, "mlp": {name: linear(f"mlp/{name}") for name in ("c_fc", "c_proj")}}
+
+    lam = P(*AXES["lambda"])
+    return {"wte": P(*AXES["wte"]), "lm_head": linear("lm_head"), "smear_gate": linear("smear_gate"),
+            "resid_lambdas": lam, "x0_lambdas": lam, "smear_lambda": lam, "backout_lambda": lam,
+            **{f"ve_{i}": P(*AXES["ve"]) for i in config.ve_layers}, **{f"h_{i}": block(i) for i in range(config.n_layer)}}
 
 
 def forward(params, tokens_BT, config: GPTConfig, *, dtype=None, backend=None, cache: KVCache | None = None,

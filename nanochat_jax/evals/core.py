@@ -49,6 +49,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
+from nanochat_jax.sharding import BATCH
+
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 BUNDLE_DIRNAME = "eval_bundle"
 CONFIG_NAME = "core.yaml"
@@ -351,7 +353,7 @@ def _model_fn(config, dtype, backend):
 
 
 def _batch_axes(mesh: Mesh) -> tuple[str, ...]:
-    return tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+    return tuple(a for a in BATCH if a in mesh.axis_names)
 
 
 def model_scorer(params, config, *, dtype=None, backend=None, mesh: Mesh | None = None) -> Scorer:
