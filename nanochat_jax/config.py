@@ -109,8 +109,7 @@ class GPTConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Dial:
-    """The depth dial's inputs: `config` is the model they derive, and scaling derives the
-    d12 reference from the same ones (so no input is threaded by hand)."""
+    """The depth dial's inputs: `config` is the model; scaling derives the d12 reference from the same ones."""
 
     depth: int
     aspect_ratio: int = 64

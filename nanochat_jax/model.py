@@ -105,12 +105,8 @@ def apply_rotary(x_BTHD, cos_BTD, sin_BTD):
 
 
 class KVCache(NamedTuple):
-    """What decoding remembers of each row (docs/numerics.md#generation).
-
-    One (row, kv head, position, head dim) buffer per layer: heads before time, so decode
-    attention batches over contiguous blocks, and a layer is read in place (one stacked
-    array would be copied whole every step).
-    """
+    """What decoding remembers of each row. Per layer one (row, kv head, position, head dim) buffer:
+    decode attention batches over contiguous blocks and reads a layer in place (docs/numerics.md#generation)."""
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
@@ -142,9 +138,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x_BTC, ve_BTK, cos_BTD, sin_BTD, kv=None, pos_BT=None, write_BT=None):
-        """kv=None: causal attention over x itself. Else (k, v) cache buffers of this layer:
-        the new k/v are written at write_BT (out of range: dropped) and the queries at
-        pos_BT attend the cache; returns (y, updated kv)."""
+        """kv: this layer's (k, v) cache; the new k/v go to write_BT (out of range: dropped), queries at pos_BT read it."""
         cfg = self.config
         B, T, C = x_BTC.shape
         H, Hkv, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
@@ -206,11 +200,9 @@ class GPT(nn.Module):
                  last_only: bool = False):
         """head=False returns the final normed hidden states (B, T, C) instead of logits.
 
-        With a cache the tokens sit at positions cache.lengths_B + t, and only the first
-        n_new_B of a row are real: the others (prompt padding, idle rows) write nothing
-        and no real query sees them. Returns (logits, the cache with them added);
-        last_only keeps the logits (B, 1, V) of each row's last real token only (prefill
-        skips the vocabulary-sized head everywhere else).
+        With a cache, token t of a row sits at position cache.lengths_B + t and only the first
+        n_new_B are real (padding and idle rows write nothing); returns (logits, updated cache).
+        last_only: logits (B, 1, V) of each row's last real token only (prefill skips the head elsewhere).
         """
         cfg, cd = self.config, self.dtype
         B, T = tokens_BT.shape
@@ -236,7 +228,7 @@ class GPT(nn.Module):
             prev_BTC = jnp.concatenate([cache.prev_BC.astype(cd)[:, None], x[:, :-1]], axis=1)
             gate_BT1 = smear_lambda.astype(cd) * jax.nn.sigmoid(smear_gate(x[..., :SMEAR_CHANNELS]))
             x = jnp.where((pos_BT > 0)[..., None], x + gate_BT1 * prev_BTC, x)
-            # The cache holds S positions: index S is out of range, and the scatter drops it.
+            # Index S (the cache length) is out of range: the scatter drops it.
             write_BT = jnp.where(jnp.arange(T)[None] < n_new_B[:, None], pos_BT, cache.k[0].shape[2])
             k_cache, v_cache = list(cache.k), list(cache.v)
         x = constrain_activations(x)
@@ -286,18 +278,15 @@ def init_params(config: GPTConfig, key, dtype=None) -> dict:
 
 def param_axes(config: GPTConfig) -> dict:
     """A pytree like the params whose leaves are PartitionSpecs of logical axis names, from AXES (no tracing)."""
-    def linear(name):
-        return {"kernel": P(*AXES[name])}
+    def linears(part, names):
+        return {name: {"kernel": P(*AXES[f"{part}{name}"])} for name in names}
 
     def block(i):
-        attn = {name: linear(f"attn/{name}") for name in ("c_q", "c_k", "c_v", "c_proj")}
-        if config.has_ve(i):
-            attn["ve_gate"] = linear("attn/ve_gate")
-        return {"attn": attn, "mlp": {name: linear(f"mlp/{name}") for name in ("c_fc", "c_proj")}}
+        attn = ("c_q", "c_k", "c_v", "c_proj") + (("ve_gate",) if config.has_ve(i) else ())
+        return {"attn": linears("attn/", attn), "mlp": linears("mlp/", ("c_fc", "c_proj"))}
 
-    lam = P(*AXES["lambda"])
-    return {"wte": P(*AXES["wte"]), "lm_head": linear("lm_head"), "smear_gate": linear("smear_gate"),
-            "resid_lambdas": lam, "x0_lambdas": lam, "smear_lambda": lam, "backout_lambda": lam,
+    lambdas = dict.fromkeys(("resid_lambdas", "x0_lambdas", "smear_lambda", "backout_lambda"), P(*AXES["lambda"]))
+    return {"wte": P(*AXES["wte"]), **lambdas, **linears("", ("lm_head", "smear_gate")),
             **{f"ve_{i}": P(*AXES["ve"]) for i in config.ve_layers}, **{f"h_{i}": block(i) for i in range(config.n_layer)}}
 
 

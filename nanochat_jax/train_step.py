@@ -26,11 +26,7 @@ class TrainState(NamedTuple):
 
 
 def abstract_train_state(config: GPTConfig, tx: optax.GradientTransformation, mesh: Mesh, dtype=None) -> TrainState:
-    """Shapes and dtypes of a fresh state with `mesh`'s shardings (also the checkpoint restore target).
-
-    The init is traced once, for the optimizer state's structure; the params' shardings
-    come from the axes the model declares.
-    """
+    """A fresh state's shapes and dtypes with `mesh`'s shardings (the restore target): one trace of the init."""
     params = jax.eval_shape(lambda: model.init_params(config, jax.random.key(0), dtype))
     opt_state = jax.eval_shape(tx.init, params)
     p_sh = sharding.param_shardings(model.param_axes(config), mesh)
