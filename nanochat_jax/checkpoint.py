@@ -53,9 +53,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from nanochat_jax import model
 from nanochat_jax.config import GPTConfig
-from nanochat_jax.train_step import TrainState, train_state_shardings
+from nanochat_jax.train_step import TrainState
 
 COMMIT_MARKER = "commit_success.txt"  # Orbax's commit file (atomicity_types.COMMIT_SUCCESS_FILE)
 CHECKSUMS = "checksums"  # the step item holding {array path: "dtype:hex digest"}
@@ -216,14 +215,6 @@ def _tree_nbytes(tree) -> int:
 
 
 # ---- helpers -------------------------------------------------------------------------------------
-
-def abstract_train_state(config: GPTConfig, tx, mesh, dtype=None) -> TrainState:
-    """The restore target for `mesh`: shapes and dtypes of a fresh state, with that mesh's shardings."""
-    shardings = train_state_shardings(config, tx, mesh, dtype)
-    params = jax.eval_shape(lambda: model.init_params(config, jax.random.key(0), dtype))
-    shapes = TrainState(params, jax.eval_shape(tx.init, params))
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
-
 
 def check_compatible(meta: dict, config: GPTConfig) -> None:
     """Raises CheckpointMismatchError (a ValueError) naming every model_config field where the
@@ -450,7 +441,7 @@ class Checkpointer:
                 config: GPTConfig | None = None, fallback: bool | None = None, say=None) -> tuple[TrainState, dict]:
         """(state, meta) of `step` (default: the latest complete one), laid out like `target`.
 
-        target: the state's ShapeDtypeStructs with the shardings wanted (abstract_train_state),
+        target: the state's ShapeDtypeStructs with the shardings wanted (train_step.abstract_train_state),
         which may belong to a different mesh than the one saved from. data_iterator, if given,
         is set in place to this process's saved position. config, if given, is checked against
         the checkpoint's model_config first (check_compatible). Every array is checked against

@@ -1,7 +1,7 @@
 """GPTConfig and the depth dial (docs/numerics.md#depth-dial): every derived model number lives here.
 
-nanochat turns one integer, --depth, into a whole model. `config_for_depth` is that
-dial; `GPTConfig` holds nanochat's own fields (the same names its checkpoints store in
+nanochat turns one integer, --depth, into a whole model. `Dial` is that dial (it keeps
+its inputs; `config_for_depth` when only the model is wanted); `GPTConfig` holds nanochat's own fields (the same names its checkpoints store in
 `meta_*.json["model_config"]`) and derives everything else (head_dim, padded vocab,
 value-embedding layers, sliding windows) so no other module re-derives them.
 """
@@ -107,29 +107,34 @@ class GPTConfig:
         return cls(**d)
 
 
-def config_for_depth(
-    depth: int,
-    *,
-    aspect_ratio: int = 64,
-    head_dim: int = 128,
-    max_seq_len: int = 2048,
-    window_pattern: str = "SSSL",
-    vocab_size: int = 32768,
-    n_kv_head: int | None = None,
-) -> GPTConfig:
-    """The depth dial: width = depth·aspect_ratio rounded up to a multiple of head_dim."""
-    if not isinstance(depth, int) or depth < 1:
-        raise ValueError(f"depth must be an int >= 1, got {depth!r}")
-    if aspect_ratio < 1 or head_dim < 1:
-        raise ValueError(f"aspect_ratio and head_dim must be >= 1, got {aspect_ratio}, {head_dim}")
-    n_embd = math.ceil(depth * aspect_ratio / head_dim) * head_dim
-    n_head = n_embd // head_dim
-    return GPTConfig(
-        sequence_len=max_seq_len,
-        vocab_size=vocab_size,
-        n_layer=depth,
-        n_head=n_head,
-        n_kv_head=n_head if n_kv_head is None else n_kv_head,
-        n_embd=n_embd,
-        window_pattern=window_pattern,
-    )
+@dataclasses.dataclass(frozen=True)
+class Dial:
+    """The depth dial's inputs: `config` is the model; scaling derives the d12 reference from the same ones."""
+
+    depth: int
+    aspect_ratio: int = 64
+    head_dim: int = 128
+    max_seq_len: int = 2048
+    window_pattern: str = "SSSL"
+    vocab_size: int = 32768
+    n_kv_head: int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.depth, int) or self.depth < 1:
+            raise ValueError(f"depth must be an int >= 1, got {self.depth!r}")
+        if self.aspect_ratio < 1 or self.head_dim < 1:
+            raise ValueError(f"aspect_ratio and head_dim must be >= 1, got {self.aspect_ratio}, {self.head_dim}")
+
+    @property
+    def config(self) -> GPTConfig:
+        """width = depth·aspect_ratio rounded up to a multiple of head_dim."""
+        n_embd = math.ceil(self.depth * self.aspect_ratio / self.head_dim) * self.head_dim
+        n_head = n_embd // self.head_dim
+        return GPTConfig(sequence_len=self.max_seq_len, vocab_size=self.vocab_size, n_layer=self.depth, n_head=n_head,
+                         n_kv_head=n_head if self.n_kv_head is None else self.n_kv_head, n_embd=n_embd,
+                         window_pattern=self.window_pattern)
+
+
+def config_for_depth(depth: int, **dial) -> GPTConfig:
+    """The model alone, for callers that need nothing else the dial derives: Dial(depth, ...).config."""
+    return Dial(depth, **dial).config

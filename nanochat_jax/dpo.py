@@ -142,7 +142,7 @@ def make_logps_fn(config: GPTConfig, mesh: Mesh, *, dtype=None, backend=None):
     """logps(params, inputs_BT, targets_BT) -> (B,) replicated sequence log-probs, for evaluation and
     for the reference's log-probs of held-out pairs."""
     dtype = resolve_dtype(dtype)
-    p_sh = sharding.param_shardings(config, mesh)
+    p_sh = sharding.param_shardings(model.param_axes(config), mesh)
     fn = jax.jit(functools.partial(sequence_logps, config=config, dtype=dtype, backend=backend),
                  in_shardings=(p_sh, sharding.batch_sharding(mesh), sharding.batch_sharding(mesh)),
                  out_shardings=NamedSharding(mesh, P()))

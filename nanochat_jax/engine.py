@@ -7,9 +7,8 @@ slot by one token and samples on device. Each slot carries its own length, RNG k
 sampling parameters, so requests of different ages share one step (continuous batching),
 and a request's tokens do not depend on what runs in the other slots.
 
-The cached forward re-states model.GPT.__call__ as a pure function of the same params
-tree, reading and writing k/v at per-slot positions; it must equal `model.forward` at
-every position (same rotary offsets, smear, value embeddings, backout and windows).
+Prefill and decode run `model.forward` with a KV cache (model.KVCache): the one forward,
+reading and writing k/v at per-slot positions.
 
 The jitted core never sees a tokenizer: the host loop (scheduler.py) owns the calculator tool
 and forces its output into a row.
@@ -24,8 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from nanochat_jax.common import resolve_dtype
-from nanochat_jax.config import SMEAR_CHANNELS, VE_GATE_CHANNELS, GPTConfig
-from nanochat_jax.model import QK_SCALE, SOFTCAP, apply_rotary, rms_norm, rotary_tables
+from nanochat_jax.config import GPTConfig
+from nanochat_jax.model import KVCache, forward
 
 RUNNING, STOP, LENGTH, FREE = 0, 1, 2, 3  # per-slot finish codes
 FINISH_REASONS = {STOP: "stop", LENGTH: "length"}
@@ -39,10 +38,7 @@ class DecodeState(NamedTuple):
     yet in the cache (the next step feeds it). `lengths_S` counts cached tokens.
     """
 
-    # One (slot, kv head, position, head dim) buffer per layer: heads before time, so decode
-    # attention is a contiguous batched matvec, and a layer is read in place (slicing one
-    # stacked array copied every layer's cache every step).
-    k_cache: tuple[jax.Array, ...]
+    k_cache: tuple[jax.Array, ...]  # model.KVCache's layout: per layer (slot, kv head, position, head dim)
     v_cache: tuple[jax.Array, ...]
     lengths_S: jax.Array  # int32, tokens in the cache
     limit_S: jax.Array  # int32, total tokens (prompt + generated) the slot may reach
@@ -77,98 +73,6 @@ class Prefix(NamedTuple):
     length: jax.Array  # int32 scalar, the true prompt length
     prev_C: jax.Array
     logits_V: jax.Array  # fp32 logits after the last prompt token
-
-
-# ---- the cached forward ------------------------------------------------------------------
-
-def _dense(x, kernel):
-    """model.Linear's arithmetic: one 2-D GEMM with the fp32 master cast to x's dtype."""
-    y = x.reshape(-1, x.shape[-1]) @ kernel.astype(x.dtype)
-    return y.reshape(*x.shape[:-1], kernel.shape[-1])
-
-
-def _attend(q_BTHD, k_BKSD, v_BKSD, pos_BT, window_left: int):
-    """Query at position p sees cache entries j with p - window_left <= j <= p (training's rule).
-
-    The cache is (batch, kv head, position, dim), so both einsums batch over contiguous
-    (b, k) blocks: XLA:CPU runs them as small GEMMs without first transposing the cache,
-    which at 32 slots cost 7x the attention itself.
-    """
-    B, T, H, hd = q_BTHD.shape
-    Hkv, G = k_BKSD.shape[1], H // k_BKSD.shape[1]
-    q_BKQD = q_BTHD.reshape(B, T, Hkv, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, hd)  # Q = (g, t)
-    s_BKQS = jnp.einsum("bkqd,bksd->bkqs", q_BKQD, k_BKSD, preferred_element_type=jnp.float32) * hd ** -0.5
-    j_S = jnp.arange(k_BKSD.shape[2])
-    pos_BQ = jnp.broadcast_to(pos_BT[:, None], (B, G, T)).reshape(B, G * T)
-    ok_BQS = (j_S[None, None] <= pos_BQ[..., None]) & (j_S[None, None] >= pos_BQ[..., None] - window_left)
-    # A finite fill keeps rows with nothing to see (slots not written this step) NaN-free.
-    s_BKQS = jnp.where(ok_BQS[:, None], s_BKQS, jnp.finfo(jnp.float32).min)
-    p_BKQS = jax.nn.softmax(s_BKQS, axis=-1).astype(v_BKSD.dtype)
-    y_BKQD = jnp.einsum("bkqs,bksd->bkqd", p_BKQS, v_BKSD)
-    return y_BKQD.reshape(B, Hkv, G, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
-
-
-def forward_cached(params, tokens_BT, k_cache, v_cache, lengths_B, prev_BC, n_new_B, *, config: GPTConfig, dtype,
-                   last_only: bool = False):
-    """Forward tokens at positions lengths_B + t, writing their k/v into the cache (per layer
-    (B, Hkv, S, hd) buffers).
-
-    Only the first n_new_B tokens of a row are real: later ones (prompt padding, idle
-    slots) write nothing and never reach real queries. Returns (fp32 softcapped logits
-    (B, T, V), k, v, prev_BC updated to the last real token's pre-smear embedding).
-    last_only: logits (B, 1, V) of each row's last real token only (prefill skips the
-    vocab-sized head on every other position).
-    """
-    cfg, cd = config, resolve_dtype(dtype)
-    B, T = tokens_BT.shape
-    S = k_cache[0].shape[2]
-    H, Hkv, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-    pos_BT = lengths_B[:, None] + jnp.arange(T)[None]
-    real_BT = jnp.arange(T)[None] < n_new_B[:, None]
-    write_BT = jnp.where(real_BT, pos_BT, S)  # index S is out of bounds: the scatter drops it
-    row_BT = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
-
-    x = rms_norm(params["wte"][tokens_BT].astype(cd))
-    last = jnp.maximum(n_new_B - 1, 0)
-    new_prev_BC = jnp.where((n_new_B > 0)[:, None], x[jnp.arange(B), last], prev_BC.astype(cd))
-    # Smear: position 0 of a sequence has no predecessor; position 0 of this chunk takes
-    # it from the cache.
-    prev_BTC = jnp.concatenate([prev_BC.astype(cd)[:, None], x[:, :-1]], axis=1)
-    gate_BT1 = params["smear_lambda"].astype(cd) * jax.nn.sigmoid(
-        _dense(x[..., :SMEAR_CHANNELS], params["smear_gate"]["kernel"]))
-    x = jnp.where((pos_BT > 0)[..., None], x + gate_BT1 * prev_BTC, x)
-    x0 = x
-
-    cos_BTD, sin_BTD = jax.vmap(lambda off: rotary_tables(T, hd, cd, off))(lengths_B)
-    rotary = jax.vmap(lambda t, c, s: apply_rotary(t[None], c, s)[0])
-    x_backout, k_cache, v_cache = None, list(k_cache), list(v_cache)
-    for i in range(cfg.n_layer):
-        p = params[f"h_{i}"]
-        x = params["resid_lambdas"][i].astype(cd) * x + params["x0_lambdas"][i].astype(cd) * x0
-        xn = rms_norm(x)
-        q = _dense(xn, p["attn"]["c_q"]["kernel"]).reshape(B, T, H, hd)
-        k = _dense(xn, p["attn"]["c_k"]["kernel"]).reshape(B, T, Hkv, hd)
-        v = _dense(xn, p["attn"]["c_v"]["kernel"]).reshape(B, T, Hkv, hd)
-        if cfg.has_ve(i):
-            gate = _dense(xn[..., :VE_GATE_CHANNELS], p["attn"]["ve_gate"]["kernel"])
-            ve = params[f"ve_{i}"][tokens_BT].astype(cd).reshape(B, T, Hkv, hd)
-            v = v + (3 * jax.nn.sigmoid(gate))[..., None] * ve
-        q, k = rotary(q, cos_BTD, sin_BTD), rotary(k, cos_BTD, sin_BTD)
-        q, k = rms_norm(q) * QK_SCALE, rms_norm(k) * QK_SCALE
-        # Advanced indices around a slice: the indexed view is (B, T, Hkv, hd), k's own shape.
-        k_cache[i] = k_cache[i].at[row_BT, :, write_BT].set(k.astype(k_cache[i].dtype), mode="drop")
-        v_cache[i] = v_cache[i].at[row_BT, :, write_BT].set(v.astype(v_cache[i].dtype), mode="drop")
-        y = _attend(q, k_cache[i], v_cache[i], pos_BT, cfg.window_sizes[i]).astype(cd)
-        x = x + _dense(y, p["attn"]["c_proj"]["kernel"])
-        h = jnp.square(jax.nn.relu(_dense(rms_norm(x), p["mlp"]["c_fc"]["kernel"])))
-        x = x + _dense(h, p["mlp"]["c_proj"]["kernel"])
-        if i == cfg.backout_layer:
-            x_backout = x
-    if last_only:
-        x, x_backout = (a[jnp.arange(B), last][:, None] for a in (x, x_backout))
-    x = rms_norm(x - params["backout_lambda"].astype(cd) * x_backout)
-    logits = _dense(x, params["lm_head"]["kernel"])[..., :cfg.vocab_size].astype(jnp.float32)
-    return SOFTCAP * jnp.tanh(logits / SOFTCAP), tuple(k_cache), tuple(v_cache), new_prev_BC
 
 
 # ---- sampling -------------------------------------------------------------------------------
@@ -323,10 +227,9 @@ def prefill(params, tokens_1T, length, *, config: GPTConfig, dtype=None) -> Pref
     T = tokens_1T.shape[1]
     cache = (jnp.zeros((1, config.n_kv_head, T, config.head_dim), cd),) * config.n_layer
     length = jnp.asarray(length, jnp.int32)
-    logits, k, v, prev = forward_cached(params, tokens_1T, cache, cache, jnp.zeros((1,), jnp.int32),
-                                        jnp.zeros((1, config.n_embd), cd), length[None], config=config, dtype=cd,
-                                        last_only=True)
-    return Prefix(k, v, length, prev[0], logits[0, 0])
+    empty = KVCache(cache, cache, jnp.zeros((1,), jnp.int32), jnp.zeros((1, config.n_embd), cd))
+    logits, filled = forward(params, tokens_1T, config, dtype=cd, cache=empty, n_new_B=length[None], last_only=True)
+    return Prefix(filled.k, filled.v, length, filled.prev_BC[0], logits[0, 0])
 
 
 def bucket_length(n: int, max_len: int) -> int:
@@ -379,9 +282,9 @@ def insert(state: DecodeState, prefix: Prefix, slot, key_data, temperature, top_
 
 def _decode(state: DecodeState, params, forced_S, active_S, config: GPTConfig, dtype):
     """One decode step for the `active_S` slots (a subset of the running ones)."""
-    logits, k, v, prev = forward_cached(params, state.last_token_S[:, None], state.k_cache, state.v_cache,
-                                        state.lengths_S, state.prev_SC, active_S.astype(jnp.int32),
-                                        config=config, dtype=dtype)
+    cache = KVCache(state.k_cache, state.v_cache, state.lengths_S, state.prev_SC)
+    logits, cache = forward(params, state.last_token_S[:, None], config, dtype=dtype, cache=cache,
+                            n_new_B=active_S.astype(jnp.int32))
     keys_SK, sub_SK = _split_keys(state.keys_SK)
     logits_SV = jax.lax.cond(  # vocabulary-wide work only while some running slot needs it
         jnp.any(active_S & state.adjust_S),
@@ -391,11 +294,12 @@ def _decode(state: DecodeState, params, forced_S, active_S, config: GPTConfig, d
     sampled_S = sample_logits(logits_SV, sub_SK, jnp.where(active_S, state.temperature_S, 0.0),
                               jnp.where(active_S, state.top_k_S, 0), jnp.where(active_S, state.top_p_S, 1.0))
     token_S = jnp.where(active_S, jnp.where(forced_S >= 0, forced_S, sampled_S), state.last_token_S)
-    lengths_S = state.lengths_S + active_S
+    lengths_S = cache.lengths_B
     finish_S = jnp.where(active_S, _finish(token_S, lengths_S + 1, state.limit_S, state.stop_ids_N), state.finish_S)
     lp_S, top_ids_SL, top_lp_SL = token_logprobs(logits_SV, token_S, active_S & state.want_lp_S)
     S = token_S.shape[0]
-    return state._replace(k_cache=k, v_cache=v, lengths_S=lengths_S, prev_SC=prev, last_token_S=token_S,
+    return state._replace(k_cache=cache.k, v_cache=cache.v, lengths_S=lengths_S, prev_SC=cache.prev_BC,
+                          last_token_S=token_S,
                           finish_S=finish_S, keys_SK=jnp.where(active_S[:, None], keys_SK, state.keys_SK),
                           counts_SV=state.counts_SV.at[jnp.arange(S), token_S].add(active_S.astype(jnp.int32)),
                           logprob_S=jnp.where(active_S, lp_S, state.logprob_S),

@@ -2,8 +2,8 @@
 
 Linen gives us a plain nested-dict parameter pytree and a pure `apply`, so everything
 that runs (`forward`, `loss_fn`, later `train_step` and the engine) is a function of
-pytrees that jits with explicit shardings. Every parameter carries logical axis names
-(`param_logical_axes`); sharding.py maps them onto a mesh.
+pytrees that jits with explicit shardings. Every parameter's logical axis names are
+declared in AXES (`param_axes` gives the tree without tracing); sharding.py maps them onto a mesh.
 
 Numerics follow upstream's dtype policy (docs/numerics.md#dtypes): matrices are fp32
 masters cast to the activation dtype at use; `wte` and value-embedding tables are stored
@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
-from nanochat_jax.attention import attention, resolve_backend
+from nanochat_jax.attention import attention, cached_attention, resolve_backend
 from nanochat_jax.common import resolve_dtype
 from nanochat_jax.config import SMEAR_CHANNELS, VE_GATE_CHANNELS, GPTConfig
 from nanochat_jax.sharding import constrain_activations
@@ -38,6 +40,16 @@ def linear_fans(kernel_shape) -> tuple[int, int]:
     """(fan_in, fan_out) of a Flax kernel stored (in, out); torch's weight is its transpose."""
     fan_in, fan_out = kernel_shape[-2], kernel_shape[-1]
     return fan_in, fan_out
+
+
+# Logical axes of each parameter, by its name in the tree (a block's by "attn/..", "mlp/.."):
+# sharding.RULES maps them onto mesh axes. The modules box their params with these names.
+AXES = {
+    "wte": ("vocab", "embed"), "ve": ("ve_vocab", "kv_heads"), "lm_head": ("embed", "vocab"),
+    "lambda": (None,), "smear_gate": (None, None), "attn/ve_gate": (None, None),
+    "attn/c_q": ("embed", "heads"), "attn/c_k": ("embed", "kv_heads"), "attn/c_v": ("embed", "kv_heads"),
+    "attn/c_proj": ("heads", "embed"), "mlp/c_fc": ("embed", "mlp"), "mlp/c_proj": ("mlp", "embed"),
+}
 
 
 # ---- initializers (docs/numerics.md#init) ---------------------------------------------
@@ -77,20 +89,29 @@ def rms_norm(x):
     return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
-def rotary_tables(T: int, head_dim: int, dtype, offset=0):
-    """cos/sin of shape (T, head_dim/2), computed in fp32 then cast, as upstream does."""
+def rotary_tables(pos_BT, head_dim: int, dtype):
+    """cos/sin of shape (B, T, head_dim/2) at each token's position, computed in fp32 then cast, as upstream does."""
     inv_freq = 1.0 / (ROPE_BASE ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    t = jnp.arange(T, dtype=jnp.float32) + offset
-    freqs = jnp.outer(t, inv_freq)
+    freqs = pos_BT.astype(jnp.float32)[..., None] * inv_freq
     return jnp.cos(freqs).astype(dtype), jnp.sin(freqs).astype(dtype)
 
 
-def apply_rotary(x_BTHD, cos_TD, sin_TD):
+def apply_rotary(x_BTHD, cos_BTD, sin_BTD):
     """Half-split pairing with nanochat's sign (a rotation by -θ)."""
     d = x_BTHD.shape[-1] // 2
     x1, x2 = x_BTHD[..., :d], x_BTHD[..., d:]
-    cos, sin = cos_TD[None, :, None, :], sin_TD[None, :, None, :]
+    cos, sin = cos_BTD[:, :, None, :], sin_BTD[:, :, None, :]
     return jnp.concatenate([x1 * cos + x2 * sin, x2 * cos - x1 * sin], axis=-1)
+
+
+class KVCache(NamedTuple):
+    """What decoding remembers of each row. Per layer one (row, kv head, position, head dim) buffer:
+    decode attention batches over contiguous blocks and reads a layer in place (docs/numerics.md#generation)."""
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+    lengths_B: jax.Array  # int32 tokens cached per row: the position of the row's next token
+    prev_BC: jax.Array  # normalized pre-smear embedding of the last cached token (the smear's left neighbour)
 
 
 class Linear(nn.Module):
@@ -116,21 +137,29 @@ class Attention(nn.Module):
     backend: str
 
     @nn.compact
-    def __call__(self, x_BTC, ve_BTK, cos_TD, sin_TD):
+    def __call__(self, x_BTC, ve_BTK, cos_BTD, sin_BTD, kv=None, pos_BT=None, write_BT=None):
+        """kv: this layer's (k, v) cache; the new k/v go to write_BT (out of range: dropped), queries at pos_BT read it."""
         cfg = self.config
         B, T, C = x_BTC.shape
         H, Hkv, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         s = math.sqrt(3) * C ** -0.5
-        q = Linear(H * hd, ("embed", "heads"), _uniform(-s, s), name="c_q")(x_BTC).reshape(B, T, H, hd)
-        k = Linear(Hkv * hd, ("embed", "kv_heads"), _uniform(-s, s), name="c_k")(x_BTC).reshape(B, T, Hkv, hd)
-        v = Linear(Hkv * hd, ("embed", "kv_heads"), _uniform(-s, s), name="c_v")(x_BTC).reshape(B, T, Hkv, hd)
+        q = Linear(H * hd, AXES["attn/c_q"], _uniform(-s, s), name="c_q")(x_BTC).reshape(B, T, H, hd)
+        k = Linear(Hkv * hd, AXES["attn/c_k"], _uniform(-s, s), name="c_k")(x_BTC).reshape(B, T, Hkv, hd)
+        v = Linear(Hkv * hd, AXES["attn/c_v"], _uniform(-s, s), name="c_v")(x_BTC).reshape(B, T, Hkv, hd)
         if ve_BTK is not None:  # ResFormer value residual, gated per kv head in (0, 3)
-            gate = Linear(Hkv, (None, None), _uniform(0.0, 0.02), name="ve_gate")(x_BTC[..., :VE_GATE_CHANNELS])
+            gate = Linear(Hkv, AXES["attn/ve_gate"], _uniform(0.0, 0.02), name="ve_gate")(x_BTC[..., :VE_GATE_CHANNELS])
             v = v + (3 * jax.nn.sigmoid(gate))[..., None] * ve_BTK.reshape(B, T, Hkv, hd)
-        q, k = apply_rotary(q, cos_TD, sin_TD), apply_rotary(k, cos_TD, sin_TD)
+        q, k = apply_rotary(q, cos_BTD, sin_BTD), apply_rotary(k, cos_BTD, sin_BTD)
         q, k = rms_norm(q) * QK_SCALE, rms_norm(k) * QK_SCALE
-        y = attention(q, k, v, window_left=cfg.window_sizes[self.layer], backend=self.backend)
-        return Linear(C, ("heads", "embed"), nn.initializers.zeros, name="c_proj")(y.reshape(B, T, H * hd))
+        window = cfg.window_sizes[self.layer]
+        if kv is None:
+            y = attention(q, k, v, window_left=window, backend=self.backend)
+        else:
+            row_BT = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
+            # Advanced indices around a slice: the indexed view is (B, T, Hkv, hd), k's own shape.
+            kv = tuple(c.at[row_BT, :, write_BT].set(new.astype(c.dtype), mode="drop") for c, new in zip(kv, (k, v)))
+            y = cached_attention(q, *kv, pos_BT, window_left=window).astype(x_BTC.dtype)
+        return Linear(C, AXES["attn/c_proj"], nn.initializers.zeros, name="c_proj")(y.reshape(B, T, H * hd)), kv
 
 
 class MLP(nn.Module):
@@ -138,9 +167,9 @@ class MLP(nn.Module):
     def __call__(self, x_BTC):
         C = x_BTC.shape[-1]
         s = math.sqrt(3) * C ** -0.5
-        h = Linear(4 * C, ("embed", "mlp"), _uniform(-0.4 * s, 0.4 * s), name="c_fc")(x_BTC)
+        h = Linear(4 * C, AXES["mlp/c_fc"], _uniform(-0.4 * s, 0.4 * s), name="c_fc")(x_BTC)
         h = jnp.square(jax.nn.relu(h))
-        return Linear(C, ("mlp", "embed"), nn.initializers.zeros, name="c_proj")(h)
+        return Linear(C, AXES["mlp/c_proj"], nn.initializers.zeros, name="c_proj")(h)
 
 
 class Block(nn.Module):
@@ -149,9 +178,11 @@ class Block(nn.Module):
     backend: str
 
     @nn.compact
-    def __call__(self, x_BTC, ve_BTK, cos_TD, sin_TD):
-        x_BTC = x_BTC + Attention(self.config, self.layer, self.backend, name="attn")(rms_norm(x_BTC), ve_BTK, cos_TD, sin_TD)
-        return x_BTC + MLP(name="mlp")(rms_norm(x_BTC))
+    def __call__(self, x_BTC, ve_BTK, cos_BTD, sin_BTD, *cached):
+        y, kv = Attention(self.config, self.layer, self.backend, name="attn")(rms_norm(x_BTC), ve_BTK, cos_BTD, sin_BTD,
+                                                                              *cached)
+        x_BTC = x_BTC + y
+        return x_BTC + MLP(name="mlp")(rms_norm(x_BTC)), kv
 
 
 class GPT(nn.Module):
@@ -165,43 +196,71 @@ class GPT(nn.Module):
         return self.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
     @nn.compact
-    def __call__(self, tokens_BT, head: bool = True):
-        """head=False returns the final normed hidden states (B, T, C) instead of logits."""
+    def __call__(self, tokens_BT, head: bool = True, cache: KVCache | None = None, n_new_B=None,
+                 last_only: bool = False):
+        """head=False returns the final normed hidden states (B, T, C) instead of logits.
+
+        With a cache, token t of a row sits at position cache.lengths_B + t and only the first
+        n_new_B are real (padding and idle rows write nothing); returns (logits, updated cache).
+        last_only: logits (B, 1, V) of each row's last real token only (prefill skips the head elsewhere).
+        """
         cfg, cd = self.config, self.dtype
         B, T = tokens_BT.shape
         C, L, Vp = cfg.n_embd, cfg.n_layer, cfg.padded_vocab_size
         s = math.sqrt(3) * C ** -0.5
-        wte = self._param("wte", _normal(0.8), (Vp, C), ("vocab", "embed"), cd)
-        resid_lambdas = self._param("resid_lambdas", _ramp(1.15, 1.05), (L,), (None,))
-        x0_lambdas = self._param("x0_lambdas", _ramp(0.20, 0.05), (L,), (None,))
-        smear_lambda = self._param("smear_lambda", _const(0.0), (1,), (None,))
-        backout_lambda = self._param("backout_lambda", _const(0.2), (1,), (None,))
+        wte = self._param("wte", _normal(0.8), (Vp, C), AXES["wte"], cd)
+        resid_lambdas = self._param("resid_lambdas", _ramp(1.15, 1.05), (L,), AXES["lambda"])
+        x0_lambdas = self._param("x0_lambdas", _ramp(0.20, 0.05), (L,), AXES["lambda"])
+        smear_lambda = self._param("smear_lambda", _const(0.0), (1,), AXES["lambda"])
+        backout_lambda = self._param("backout_lambda", _const(0.2), (1,), AXES["lambda"])
+        smear_gate = Linear(1, AXES["smear_gate"], _uniform(0.0, 0.02), name="smear_gate")
 
         x = rms_norm(wte[tokens_BT].astype(cd))
         # Smear: mix the previous token's embedding into each position (a cheap bigram).
-        gate_BT1 = smear_lambda.astype(cd) * jax.nn.sigmoid(
-            Linear(1, (None, None), _uniform(0.0, 0.02), name="smear_gate")(x[:, 1:, :SMEAR_CHANNELS]))
-        x = constrain_activations(jnp.concatenate([x[:, :1], x[:, 1:] + gate_BT1 * x[:, :-1]], axis=1))
+        if cache is None:
+            pos_BT = jnp.arange(T)[None]
+            gate_BT1 = smear_lambda.astype(cd) * jax.nn.sigmoid(smear_gate(x[:, 1:, :SMEAR_CHANNELS]))
+            x = jnp.concatenate([x[:, :1], x[:, 1:] + gate_BT1 * x[:, :-1]], axis=1)
+        else:  # position 0 of a chunk takes its neighbour from the cache; position 0 of a sequence has none
+            pos_BT = cache.lengths_B[:, None] + jnp.arange(T)[None]
+            last_B = jnp.maximum(n_new_B - 1, 0)
+            prev_BC = jnp.where((n_new_B > 0)[:, None], x[jnp.arange(B), last_B], cache.prev_BC.astype(cd))
+            prev_BTC = jnp.concatenate([cache.prev_BC.astype(cd)[:, None], x[:, :-1]], axis=1)
+            gate_BT1 = smear_lambda.astype(cd) * jax.nn.sigmoid(smear_gate(x[..., :SMEAR_CHANNELS]))
+            x = jnp.where((pos_BT > 0)[..., None], x + gate_BT1 * prev_BTC, x)
+            # Index S (the cache length) is out of range: the scatter drops it.
+            write_BT = jnp.where(jnp.arange(T)[None] < n_new_B[:, None], pos_BT, cache.k[0].shape[2])
+            k_cache, v_cache = list(cache.k), list(cache.v)
+        x = constrain_activations(x)
         x0 = x
 
-        cos, sin = rotary_tables(T, cfg.head_dim, cd)
+        cos, sin = rotary_tables(pos_BT, cfg.head_dim, cd)
         x_backout = None
         for i in range(L):
             x = resid_lambdas[i].astype(cd) * x + x0_lambdas[i].astype(cd) * x0
             ve = None
             if cfg.has_ve(i):
-                table = self._param(f"ve_{i}", _uniform(-s, s), (Vp, cfg.kv_dim), ("ve_vocab", "kv_heads"), cd)
+                table = self._param(f"ve_{i}", _uniform(-s, s), (Vp, cfg.kv_dim), AXES["ve"], cd)
                 ve = table[tokens_BT].astype(cd)
-            x = constrain_activations(Block(cfg, i, self.backend, name=f"h_{i}")(x, ve, cos, sin))
+            cached = () if cache is None else ((k_cache[i], v_cache[i]), pos_BT, write_BT)
+            x, kv = Block(cfg, i, self.backend, name=f"h_{i}")(x, ve, cos, sin, *cached)
+            x = constrain_activations(x)
+            if cache is not None:
+                k_cache[i], v_cache[i] = kv
             if i == cfg.backout_layer:
                 x_backout = x
+        if last_only:
+            x, x_backout = (a[jnp.arange(B), last_B][:, None] for a in (x, x_backout))
         x = x - backout_lambda.astype(cd) * x_backout
         x = rms_norm(x)
         if not head:
             return x
-        logits = Linear(Vp, ("embed", "vocab"), _normal(0.001), name="lm_head")(x)
+        logits = Linear(Vp, AXES["lm_head"], _normal(0.001), name="lm_head")(x)
         logits = logits[..., :cfg.vocab_size].astype(jnp.float32)
-        return SOFTCAP * jnp.tanh(logits / SOFTCAP)
+        logits = SOFTCAP * jnp.tanh(logits / SOFTCAP)
+        if cache is None:
+            return logits
+        return logits, KVCache(tuple(k_cache), tuple(v_cache), cache.lengths_B + n_new_B, prev_BC)
 
 
 # ---- the functional boundary -----------------------------------------------------------
@@ -211,25 +270,31 @@ def _module(config, dtype=None, backend=None) -> GPT:
     return GPT(config, dtype=dtype, backend=resolve_backend(backend, dtype))
 
 
-def _boxed_params(config, key, dtype=None):
-    return _module(config, dtype, "xla").init(key, jnp.zeros((1, 2), jnp.int32))["params"]
-
-
 def init_params(config: GPTConfig, key, dtype=None) -> dict:
     """Fresh parameters (upstream's init, docs/numerics.md#init) as a plain nested dict of arrays."""
-    dtype = resolve_dtype(dtype)
-    return jax.jit(lambda k: nn.meta.unbox(_boxed_params(config, k, dtype)))(key)
+    module = _module(config, dtype, "xla")
+    return jax.jit(lambda k: nn.meta.unbox(module.init(k, jnp.zeros((1, 2), jnp.int32))["params"]))(key)
 
 
-def param_logical_axes(config: GPTConfig) -> dict:
-    """A pytree like the params whose leaves are PartitionSpecs of logical axis names."""
-    abstract = jax.eval_shape(lambda: _boxed_params(config, jax.random.key(0), jnp.float32))
-    return nn.get_partition_spec(abstract)
+def param_axes(config: GPTConfig) -> dict:
+    """A pytree like the params whose leaves are PartitionSpecs of logical axis names, from AXES (no tracing)."""
+    def linears(part, names):
+        return {name: {"kernel": P(*AXES[f"{part}{name}"])} for name in names}
+
+    def block(i):
+        attn = ("c_q", "c_k", "c_v", "c_proj") + (("ve_gate",) if config.has_ve(i) else ())
+        return {"attn": linears("attn/", attn), "mlp": linears("mlp/", ("c_fc", "c_proj"))}
+
+    lambdas = dict.fromkeys(("resid_lambdas", "x0_lambdas", "smear_lambda", "backout_lambda"), P(*AXES["lambda"]))
+    return {"wte": P(*AXES["wte"]), **lambdas, **linears("", ("lm_head", "smear_gate")),
+            **{f"ve_{i}": P(*AXES["ve"]) for i in config.ve_layers}, **{f"h_{i}": block(i) for i in range(config.n_layer)}}
 
 
-def forward(params, tokens_BT, config: GPTConfig, *, dtype=None, backend=None):
-    """Pure forward: fp32 softcapped logits (B, T, vocab_size)."""
-    return _module(config, dtype, backend).apply({"params": params}, tokens_BT)
+def forward(params, tokens_BT, config: GPTConfig, *, dtype=None, backend=None, cache: KVCache | None = None,
+            n_new_B=None, last_only: bool = False):
+    """Pure forward: fp32 softcapped logits (B, T, vocab_size); with a cache, (logits, cache) (GPT.__call__)."""
+    return _module(config, dtype, backend).apply({"params": params}, tokens_BT, cache=cache, n_new_B=n_new_B,
+                                                 last_only=last_only)
 
 
 def cross_entropy(logits_BTV, targets_BT, reduction: str = "mean"):

@@ -302,15 +302,14 @@ def make_optimizer(config: GPTConfig, num_iterations: int, *, name: str = "nanoc
     return optax.partition(transforms, param_labels)
 
 
-def optimizer_for(config: GPTConfig, num_iterations: int, total_batch_size: int, *, name: str = "nanochat",
-                  embedding_lr: float = 0.3, unembedding_lr: float = 0.008, matrix_lr: float = 0.02,
-                  scalar_lr: float = 0.5, weight_decay: float = 0.28, param_data_ratio: float = 12,
-                  aspect_ratio: int = 64, warmup_steps: int = 40, warmdown_ratio: float = 0.65,
-                  final_lr_frac: float = 0.05, dtype=None) -> optax.GradientTransformation:
-    """base_train's optimizer: CLI-default LRs scaled by sqrt(B/B_REF), Muon WD by the T_epoch rule."""
-    s = scaling.batch_lr_scale(total_batch_size)
-    wd = scaling.muon_weight_decay(config, total_batch_size, weight_decay, param_data_ratio, aspect_ratio)
-    return make_optimizer(config, num_iterations, name=name, unembedding_lr=unembedding_lr * s,
-                          embedding_lr=embedding_lr * s, matrix_lr=matrix_lr * s, scalar_lr=scalar_lr * s,
-                          weight_decay=wd, warmup_steps=warmup_steps, warmdown_ratio=warmdown_ratio,
+def optimizer_for(config: GPTConfig, num_iterations: int, *, lr_scale: float, weight_decay: float,
+                  name: str = "nanochat", embedding_lr: float = 0.3, unembedding_lr: float = 0.008,
+                  matrix_lr: float = 0.02, scalar_lr: float = 0.5, warmup_steps: int = 40,
+                  warmdown_ratio: float = 0.65, final_lr_frac: float = 0.05, dtype=None) -> optax.GradientTransformation:
+    """base_train's optimizer from its plan's numbers: the CLI-default LRs times lr_scale
+    (scaling.batch_lr_scale) and Muon's already scaled weight decay (scaling.scaled_weight_decay)."""
+    return make_optimizer(config, num_iterations, name=name, unembedding_lr=unembedding_lr * lr_scale,
+                          embedding_lr=embedding_lr * lr_scale, matrix_lr=matrix_lr * lr_scale,
+                          scalar_lr=scalar_lr * lr_scale,
+                          weight_decay=weight_decay, warmup_steps=warmup_steps, warmdown_ratio=warmdown_ratio,
                           final_lr_frac=final_lr_frac, dtype=dtype)

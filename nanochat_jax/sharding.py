@@ -2,8 +2,8 @@
 
 One mesh with axes ("data", "fsdp", "model") covers every layout: pure data parallel
 (data=N), ZeRO-3 style FSDP (fsdp=N: params, grads and optimizer state split, batch split
-too) and Megatron-style tensor parallel (model=N: heads and MLP columns split). Every
-parameter carries logical axis names (model.param_logical_axes); RULES maps them to mesh
+too) and Megatron-style tensor parallel (model=N: heads and MLP columns split). The model
+declares every parameter's logical axis names (model.param_axes); RULES maps them to mesh
 axes, and Flax's resolver drops a mesh axis already used by an earlier dimension.
 
 Multi-host: `initialize_distributed` joins the processes, each process feeds only its
@@ -117,11 +117,9 @@ def logical_to_mesh(spec: P) -> P:
     return nn.logical_to_mesh_axes(tuple(spec), RULES)
 
 
-def param_shardings(config: GPTConfig, mesh: Mesh):
-    """NamedShardings for every parameter, from its logical axes and RULES."""
-    from nanochat_jax.model import param_logical_axes
-
-    return jax.tree.map(lambda spec: NamedSharding(mesh, logical_to_mesh(spec)), param_logical_axes(config),
+def param_shardings(param_axes, mesh: Mesh):
+    """NamedShardings for every parameter, from its logical axes (model.param_axes) and RULES."""
+    return jax.tree.map(lambda spec: NamedSharding(mesh, logical_to_mesh(spec)), param_axes,
                         is_leaf=lambda x: isinstance(x, P))
 
 

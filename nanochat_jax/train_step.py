@@ -25,10 +25,18 @@ class TrainState(NamedTuple):
     opt_state: optax.OptState
 
 
+def abstract_train_state(config: GPTConfig, tx: optax.GradientTransformation, mesh: Mesh, dtype=None) -> TrainState:
+    """A fresh state's shapes and dtypes with `mesh`'s shardings (the restore target): one trace of the init."""
+    params = jax.eval_shape(lambda: model.init_params(config, jax.random.key(0), dtype))
+    opt_state = jax.eval_shape(tx.init, params)
+    p_sh = sharding.param_shardings(model.param_axes(config), mesh)
+    shardings = TrainState(p_sh, sharding.state_shardings(opt_state, p_sh, mesh))
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        TrainState(params, opt_state), shardings)
+
+
 def train_state_shardings(config: GPTConfig, tx: optax.GradientTransformation, mesh: Mesh, dtype=None) -> TrainState:
-    p_sh = sharding.param_shardings(config, mesh)
-    abstract = jax.eval_shape(lambda: model.init_params(config, jax.random.key(0), dtype))
-    return TrainState(p_sh, sharding.state_shardings(jax.eval_shape(tx.init, abstract), p_sh, mesh))
+    return jax.tree.map(lambda x: x.sharding, abstract_train_state(config, tx, mesh, dtype))
 
 
 def init_train_state(config: GPTConfig, tx: optax.GradientTransformation, mesh: Mesh, key, dtype=None,

@@ -92,6 +92,4 @@ def test_the_parser_sees_lazy_imports():
 
 def test_no_import_cycles():
     cycles = _cycles(GRAPH)
-    if cycles == [["nanochat_jax.model", "nanochat_jax.sharding"]]:  # any other cycle still fails
-        pytest.xfail("model↔sharding: helper A")
     assert not cycles, cycles

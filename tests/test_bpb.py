@@ -106,7 +106,7 @@ def test_sharded_params_and_batches_give_global_sums(params, batches, token_byte
         feed = [{k: jax.device_put(v, rows) for k, v in b.items()} for b in batches]  # pre-sharded arrays
     else:
         mesh = sharding.make_mesh(layout)
-        sharded = jax.device_put(params, sharding.param_shardings(CFG, mesh))
+        sharded = jax.device_put(params, sharding.param_shardings(model.param_axes(CFG), mesh))
         feed = batches  # host arrays: evaluate_bpb splits them over the mesh
     assert any(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated
                for x in jax.tree.leaves(sharded))

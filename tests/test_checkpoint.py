@@ -88,7 +88,7 @@ def test_async_round_trip_is_bit_exact(run, tmp_path):
         ckpt.wait()
         assert ckpt.all_steps() == [7] and ckpt.latest_step() == 7
         assert (tmp_path / "ckpt" / "7" / C.COMMIT_MARKER).exists()
-        target = C.abstract_train_state(CFG, tx, mesh)
+        target = train_step.abstract_train_state(CFG, tx, mesh)
         restored, got_meta = ckpt.restore(target=target, config=CFG)
     assert isinstance(restored, train_step.TrainState)
     assert_trees_equal(restored, state)
@@ -116,7 +116,7 @@ def test_restore_onto_another_mesh(run, tmp_path):
         ckpt.save(1, state, meta={"model_config": CFG.to_dict()})
         ckpt.wait()
         mesh24 = sharding.make_mesh("data=2,model=4")
-        target = C.abstract_train_state(CFG, tx, mesh24)
+        target = train_step.abstract_train_state(CFG, tx, mesh24)
         restored, _ = ckpt.restore(target=target)
     assert_trees_equal(restored, state)
     for r, t in zip(jax.tree.leaves(restored), jax.tree.leaves(target)):

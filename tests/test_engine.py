@@ -107,15 +107,17 @@ def test_cached_decode_matches_forward(config, prompts, chunk):
         prefix = engine.prefill(params, padded, P, config=config, dtype=F32)
         np.testing.assert_allclose(prefix.logits_V, ref[slot, P - 1], rtol=1e-5, atol=1e-5)
         state = engine.insert(state, prefix, slot, jax.random.key_data(jax.random.key(0)), 0.0, 0, 1.0, max_len)
-    step = jax.jit(engine.forward_cached, static_argnames=("config", "dtype"))
+    step = jax.jit(model.forward, static_argnames=("config", "dtype"))
     k, v, prev = state.k_cache, state.v_cache, state.prev_SC
     lengths = np.array(prompts)
     while lengths.min() < T_total:
         n_new = np.minimum(chunk, T_total - lengths)
         idx = np.minimum(lengths[:, None] + np.arange(chunk)[None], T_total - 1)
         chunk_tokens = np.take_along_axis(seqs, idx, axis=1)
-        logits, k, v, prev = step(params, jnp.asarray(chunk_tokens), k, v, jnp.asarray(lengths, jnp.int32), prev,
-                                  jnp.asarray(n_new, jnp.int32), config=config, dtype=F32)
+        cache = model.KVCache(k, v, jnp.asarray(lengths, jnp.int32), prev)
+        logits, (k, v, new_lengths, prev) = step(params, jnp.asarray(chunk_tokens), config=config, dtype=F32,
+                                                  cache=cache, n_new_B=jnp.asarray(n_new, jnp.int32))
+        np.testing.assert_array_equal(new_lengths, lengths + n_new)
         logits = np.asarray(logits)
         for r in range(2):
             want = ref[r, lengths[r]:lengths[r] + n_new[r]]

@@ -210,7 +210,7 @@ def test_bf16_forward_tracks_fp32():
 def test_every_param_has_logical_axes():
     config = GPTConfig(sequence_len=64, vocab_size=300, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
     params = model.init_params(config, jax.random.key(0), jnp.float32)
-    axes = model.param_logical_axes(config)
+    axes = model.param_axes(config)
     flat_p = jax.tree_util.tree_leaves_with_path(params)
     flat_a = jax.tree_util.tree_leaves_with_path(axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
     assert [k for k, _ in flat_p] == [k for k, _ in flat_a]
@@ -219,6 +219,17 @@ def test_every_param_has_logical_axes():
     assert axes["wte"] == jax.sharding.PartitionSpec("vocab", "embed")
     assert axes["h_0"]["attn"]["c_q"]["kernel"] == jax.sharding.PartitionSpec("embed", "heads")
     assert axes["h_1"]["mlp"]["c_proj"]["kernel"] == jax.sharding.PartitionSpec("mlp", "embed")
+
+
+@pytest.mark.parametrize("config", [
+    GPTConfig(sequence_len=64, vocab_size=300, n_layer=3, n_head=4, n_kv_head=2, n_embd=64),
+    GPTConfig(sequence_len=64, vocab_size=100, n_layer=4, n_head=2, n_kv_head=1, n_embd=32, window_pattern="L"),
+], ids=str)
+def test_declared_axes_equal_traced_init(config):
+    """param_axes (no tracing) is exactly what Flax's init reports from the modules' boxes."""
+    import flax.linen as nn
+    boxed = jax.eval_shape(lambda: model.GPT(config).init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"])
+    assert model.param_axes(config) == nn.get_partition_spec(boxed)
 
 
 def test_splash_interpret_model_equals_xla():

@@ -163,14 +163,15 @@ def test_every_optimizer_overfits_a_tiny_batch(name):
 
 def test_optimizer_for_applies_dial_scaling():
     from nanochat_jax import scaling
-    from nanochat_jax.config import config_for_depth
+    from nanochat_jax.config import Dial
 
-    cfg = config_for_depth(2, head_dim=32, max_seq_len=64, vocab_size=100)
+    dial = Dial(2, head_dim=32, max_seq_len=64, vocab_size=100)
+    cfg = dial.config
     B = 2**20
-    tx = optim.optimizer_for(cfg, 100, B)
+    tx = optim.optimizer_for(cfg, 100, lr_scale=scaling.batch_lr_scale(B), weight_decay=scaling.scaled_weight_decay(dial, B))
     ref = optim.make_optimizer(cfg, 100, unembedding_lr=0.008 * 2**0.5, embedding_lr=0.3 * 2**0.5,
                                matrix_lr=0.02 * 2**0.5, scalar_lr=0.5 * 2**0.5,
-                               weight_decay=scaling.muon_weight_decay(cfg, B))
+                               weight_decay=scaling.scaled_weight_decay(dial, B))
     params = model.init_params(cfg, jax.random.key(0))
     grads = jax.tree.map(lambda a: jax.random.normal(jax.random.key(3), a.shape, a.dtype), params)
     u_a, _ = jax.jit(tx.update)(grads, tx.init(params), params)

@@ -3,7 +3,7 @@
 import pytest
 
 from nanochat_jax import scaling
-from nanochat_jax.config import config_for_depth
+from nanochat_jax.config import Dial, config_for_depth
 
 # depth: (B, steps@12, steps@8, LR scale, Muon WD, Muon LR, dmodel scale)  — upstream's derived-values table
 TABLE = {
@@ -19,13 +19,14 @@ TABLE = {
 @pytest.mark.parametrize("depth", sorted(TABLE))
 def test_derived_values_match_spec_table(depth):
     B, steps12, steps8, lr_scale, wd, muon_lr, dmodel = TABLE[depth]
-    cfg = config_for_depth(depth)
-    assert scaling.auto_total_batch_size(cfg) == B
-    assert scaling.auto_total_batch_size(cfg, param_data_ratio=8) == B  # B depends only on depth
+    dial = Dial(depth)
+    cfg = dial.config
+    assert scaling.auto_total_batch_size(dial) == B
+    assert scaling.auto_total_batch_size(dial, param_data_ratio=8) == B  # B depends only on depth
     assert scaling.num_iterations(cfg, B) == steps12
     assert scaling.num_iterations(cfg, B, param_data_ratio=8) == steps8
     assert scaling.batch_lr_scale(B) == pytest.approx(lr_scale, abs=1e-3)
-    assert scaling.muon_weight_decay(cfg, B) == pytest.approx(wd, rel=5e-3)
+    assert scaling.scaled_weight_decay(dial, B) == pytest.approx(wd, rel=5e-3)
     assert 0.02 * scaling.batch_lr_scale(B) == pytest.approx(muon_lr, rel=2e-3)
     assert scaling.dmodel_lr_scale(cfg) == pytest.approx(dmodel, abs=1e-3)
 
@@ -40,7 +41,7 @@ def test_horizon_precedence():
 
 
 def test_weight_decay_uses_ratio_horizon_and_scales_with_batch():
-    cfg = config_for_depth(24)
+    dial = Dial(24)
     # twice the batch: sqrt(2) more decay; the d12 reference at B_REF gets exactly the base value
-    assert scaling.muon_weight_decay(cfg, 2**21) / scaling.muon_weight_decay(cfg, 2**20) == pytest.approx(2**0.5)
-    assert scaling.muon_weight_decay(config_for_depth(12), 2**19, 0.28) == pytest.approx(0.28)
+    assert scaling.scaled_weight_decay(dial, 2**21) / scaling.scaled_weight_decay(dial, 2**20) == pytest.approx(2**0.5)
+    assert scaling.scaled_weight_decay(Dial(12), 2**19, 0.28) == pytest.approx(0.28)

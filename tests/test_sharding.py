@@ -131,7 +131,7 @@ def test_sharded_gradients_equal_one_device(mesh_spec):
     grad = jax.value_and_grad(lambda p, x, y: model.loss_fn(p, x, y, CFG, dtype=jnp.float32))
     loss_ref, g_ref = jax.jit(grad)(params, tok[:, :-1], tok[:, 1:])
     mesh = sharding.make_mesh(mesh_spec)
-    p_sh = sharding.param_shardings(CFG, mesh)
+    p_sh = sharding.param_shardings(model.param_axes(CFG), mesh)
     b_sh = sharding.batch_sharding(mesh)
     with jax.set_mesh(mesh):
         loss, g = jax.jit(grad, in_shardings=(p_sh, b_sh, b_sh), out_shardings=(None, p_sh))(
@@ -164,7 +164,7 @@ def test_splash_in_shard_map_equals_auto_sharded_xla():
     params = jax.device_get(perturbed_params(cfg, 0, jnp.float32))
     tok = np.random.default_rng(0).integers(0, 128, (4, 128))
     mesh = sharding.make_mesh("data=4,fsdp=1,model=2")
-    p_sh, b_sh = sharding.param_shardings(cfg, mesh), sharding.batch_sharding(mesh)
+    p_sh, b_sh = sharding.param_shardings(model.param_axes(cfg), mesh), sharding.batch_sharding(mesh)
     outs = {}
     with jax.set_mesh(mesh):
         for backend in ("xla", "splash-interpret"):

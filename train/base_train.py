@@ -26,9 +26,9 @@ import jax
 from tqdm import tqdm
 
 from nanochat_jax import attention, flops, model, optim, scaling, sharding
-from nanochat_jax.checkpoint import RunDirError, abstract_train_state, prepare_run_dir
+from nanochat_jax.checkpoint import RunDirError, prepare_run_dir
 from nanochat_jax.common import (DTYPES, StopSignals, check_model_fits, mfu, need, peak_flops, resolve_dtype, run_cli)
-from nanochat_jax.config import config_for_depth
+from nanochat_jax.config import Dial
 from nanochat_jax.convert import export_nanochat_checkpoint, torch_available
 from nanochat_jax.data.dataset import check_parquet
 from nanochat_jax.data.pipeline import pretrain_loader, val_batches
@@ -38,7 +38,7 @@ from nanochat_jax.loop import next_batch, open_checkpointer, removed_on_failure,
 from nanochat_jax.paths import home_dir, pretrain_data_dir, tokenizer_dir
 from nanochat_jax.report import RunLogger, format_step_line, write_report
 from nanochat_jax.tokenizer import Tokenizer
-from nanochat_jax.train_step import init_train_state, make_train_step
+from nanochat_jax.train_step import abstract_train_state, init_train_state, make_train_step
 
 SAMPLE_PROMPTS = ("The capital of France is", "The chemical symbol of gold is",
                   "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
@@ -149,9 +149,10 @@ class Plan:
     muon_weight_decay: float
 
 
-def make_plan(args, config, mesh) -> Plan:
+def make_plan(args, dial, mesh) -> Plan:
+    config = dial.config
     B = args.total_batch_size if args.total_batch_size > 0 else scaling.auto_total_batch_size(
-        config, args.target_param_data_ratio, args.aspect_ratio)
+        dial, args.target_param_data_ratio)
     N = scaling.num_iterations(config, B, num_iterations=args.num_iterations, target_flops=args.target_flops,
                                param_data_ratio=args.target_param_data_ratio)
     if N < 1:
@@ -165,7 +166,7 @@ def make_plan(args, config, mesh) -> Plan:
                          f"x {config.sequence_len} tokens = {tokens_per_micro}); change --total-batch-size, "
                          "--device-batch-size or --max-seq-len")
     return Plan(B, N, rows, B // tokens_per_micro, flops.estimate_flops(config), scaling.batch_lr_scale(B),
-                scaling.muon_weight_decay(config, B, args.weight_decay, args.target_param_data_ratio, args.aspect_ratio))
+                scaling.scaled_weight_decay(dial, B, args.weight_decay, args.target_param_data_ratio))
 
 
 def sample(params, config, tok, dtype, backend, max_tokens=16) -> list[str]:
@@ -192,12 +193,12 @@ def main(argv=None):
         dtype = resolve_dtype(args.dtype)
         if args.attention != "auto":
             attention.resolve_backend(args.attention, dtype)
-        config = config_for_depth(args.depth, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim,
-                                  max_seq_len=args.max_seq_len, window_pattern=args.window_pattern,
-                                  vocab_size=tok.vocab_size)
+        dial = Dial(args.depth, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim, max_seq_len=args.max_seq_len,
+                    window_pattern=args.window_pattern, vocab_size=tok.vocab_size)
+        config = dial.config
         check_model_fits(flops.num_scaling_params(config)["total"], f"--depth {args.depth}")
         mesh = sharding.make_mesh(args.mesh)
-        plan = make_plan(args, config, mesh)
+        plan = make_plan(args, dial, mesh)
         sharding.validate(config, mesh, plan.rows_per_micro)
         moved = prepare_run_dir(out_dir, resume=args.resume, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError, RunDirError) as e:
@@ -220,11 +221,11 @@ def _train(args, tag, out_dir, data_dir, tok, dtype, config, mesh, plan, main_pr
     if args.core_metric_every > 0:
         core_bundle = core_tasks.bundle_for_training(args.bundle_dir, say)
 
-    tx = optim.optimizer_for(config, plan.num_iterations, plan.total_batch_size, name=args.optimizer,
+    tx = optim.optimizer_for(config, plan.num_iterations, lr_scale=plan.batch_lr_scale,
+                             weight_decay=plan.muon_weight_decay, name=args.optimizer,
                              embedding_lr=args.embedding_lr, unembedding_lr=args.unembedding_lr,
-                             matrix_lr=args.matrix_lr, scalar_lr=args.scalar_lr, weight_decay=args.weight_decay,
-                             param_data_ratio=args.target_param_data_ratio, aspect_ratio=args.aspect_ratio,
-                             warmup_steps=args.warmup_steps, warmdown_ratio=args.warmdown_ratio,
+                             matrix_lr=args.matrix_lr, scalar_lr=args.scalar_lr, warmup_steps=args.warmup_steps,
+                             warmdown_ratio=args.warmdown_ratio,
                              final_lr_frac=args.final_lr_frac, dtype=dtype)
     train_step = make_train_step(config, tx, mesh, dtype=dtype, backend=args.attention)
     batch_sh = sharding.batch_sharding(mesh, leading=1)

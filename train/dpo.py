@@ -34,7 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from nanochat_jax import optim, sharding
-from nanochat_jax.checkpoint import (Checkpointer, RunDirError, abstract_train_state, checkpoint_dir, newest_run,
+from nanochat_jax.checkpoint import (Checkpointer, RunDirError, checkpoint_dir, newest_run,
                                      prepare_run_dir)
 from nanochat_jax.common import need, resolve_dtype
 from nanochat_jax.config import GPTConfig
@@ -47,7 +47,7 @@ from nanochat_jax.loop import add_run_args, any_process, next_batch, open_checkp
 from nanochat_jax.report import RunLogger, _plot, _series, read_metrics, write_report
 from nanochat_jax.tasks.spec import parse_mixture
 from nanochat_jax.tokenizer import Tokenizer
-from nanochat_jax.train_step import init_train_state
+from nanochat_jax.train_step import abstract_train_state, init_train_state
 
 FALLBACK_LRS = {"embedding_lr": 0.3, "unembedding_lr": 0.004, "matrix_lr": 0.02}
 PREF_KEYS = ("acc", "margin", "logp_acc", "chosen_logp", "rejected_logp")
@@ -215,7 +215,7 @@ def main(argv=None):
                               matrix_lr=lrs["matrix_lr"], scalar_lr=args.scalar_lr, weight_decay=0.0, dtype=dtype,
                               lr_schedule=lambda it: f, momentum_schedule=optim.finetune_momentum)
     state = init_train_state(config, tx, mesh, jax.random.key(0), dtype, params=params)
-    reference = jax.device_put(params, sharding.param_shardings(config, mesh))  # its own buffers: state is donated
+    reference = jax.device_put(params, jax.tree.map(lambda a: a.sharding, state.params))  # its own buffers: state is donated
     del params
 
     p_idx, p_cnt = jax.process_index(), jax.process_count()

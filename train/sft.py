@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from nanochat_jax import attention, flops, optim, sharding
 from nanochat_jax.checkpoint import (Checkpointer, CheckpointError, CheckpointMismatchError, RunDirError,
-                                     abstract_train_state, checkpoint_dir, newest_run, prepare_run_dir)
+                                     checkpoint_dir, newest_run, prepare_run_dir)
 from nanochat_jax.common import DTYPES, StopSignals, mfu, need, peak_flops, resolve_dtype, run_cli
 from nanochat_jax.config import GPTConfig
 from nanochat_jax.paths import home_dir, tokenizer_dir
@@ -40,7 +40,7 @@ from nanochat_jax.loop import (add_run_args, any_process, next_batch, open_check
 from nanochat_jax.report import RunLogger, format_step_line, write_report
 from nanochat_jax.tasks.spec import parse_mixture
 from nanochat_jax.tokenizer import Tokenizer
-from nanochat_jax.train_step import TrainState, init_train_state, make_train_step
+from nanochat_jax.train_step import TrainState, abstract_train_state, init_train_state, make_train_step
 
 DEFAULT_MIXTURE = "smoltalk@train,mmlu@auxiliary_train*3,gsm8k@train*4"
 DEFAULT_VAL_MIXTURE = "smoltalk@test,mmlu@test[:5200],gsm8k@test[:420]"

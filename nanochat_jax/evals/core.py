@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from nanochat_jax.evals.core_tasks import (DATA_DIRNAME, LM, MC, SCHEMA, Bundle, CoreDataError, TaskSpec,
                                            load_task_file)
+from nanochat_jax.sharding import BATCH
 
 SHUFFLE_SEED = 1337
 FEWSHOT_SEED = 1234
@@ -203,7 +204,7 @@ def _model_fn(config, dtype, backend):
 
 
 def _batch_axes(mesh: Mesh) -> tuple[str, ...]:
-    return tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+    return tuple(a for a in BATCH if a in mesh.axis_names)
 
 
 def model_scorer(params, config, *, dtype=None, backend=None, mesh: Mesh | None = None) -> Scorer:
