@@ -54,7 +54,8 @@ def run(src, params, config, job, dtype="float32", device="cpu"):
 
 class SpecialIds:
     """What upstream's Engine asks its tokenizer: special ids (the state machine's) and the
-    vocabulary size (build_model's check). The bench's prompts are ids, so no BPE is needed."""
+    vocabulary size (build_model's check). The bench's prompts are ids and its weights never pick
+    a special, so the calculator tool (the only user of encode/decode) never runs."""
 
     def __init__(self, specials, vocab_size):
         self.specials, self.vocab_size = specials, vocab_size
@@ -67,12 +68,6 @@ class SpecialIds:
 
     def get_vocab_size(self):
         return self.vocab_size
-
-    def encode(self, text):
-        return list(text.encode())
-
-    def decode(self, ids):
-        return bytes(i % 256 for i in ids).decode("latin-1")
 
 
 def load(job, phase):
