@@ -4,9 +4,10 @@ A fake checkout written here (a tiny `nanochat` package shaped like upstream's) 
 independent of a fetched one; NANOCHAT_SRC=<a real checkout> adds the parity tests against it.
 """
 
+import contextlib
+import io
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -104,8 +105,6 @@ def decode_run(tmp_path_factory):
     """One bench.decode run on the fake: batch 1 gives our tokens, batch 8 gives others."""
     ours = our_greedy_tokens()
     src = fake_checkout(tmp_path_factory.mktemp("fake"), {"1": ours, "8": [t + 1 for t in ours]})
-    import contextlib
-    import io
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         decode.main(TINY + ["--nanochat-src", str(src)])
