@@ -1,7 +1,10 @@
-"""Decode throughput: our KV-cache Engine and continuous-batching Scheduler vs the torch reference.
+"""Decode throughput: our KV-cache Engine and continuous-batching Scheduler vs the torch reference
+and, given a checkout, upstream nanochat's own Engine.
 
     python -m bench.decode                           # CPU: d4 (n_embd 256), vocab 32768, T=256, fp32
     python -m bench.decode --streams 8 32 128 --steps-per-call 1 8 --depth 12   # bigger machines
+    git clone https://github.com/karpathy/nanochat /tmp/nanochat
+    python -m bench.decode --nanochat-src /tmp/nanochat   # adds upstream's Engine, same weights and prompt
 
 Every run decodes --new-tokens greedy tokens after a --prompt-tokens random prompt, on the
 same random weights (JAX params moved into the torch model with convert.py):
@@ -11,12 +14,16 @@ same random weights (JAX params moved into the torch model with convert.py):
   torch-naive     torch_ref.generate: the full forward recomputed per token, batch 1
   torch-kv        a KV-cached decode loop written here over torch_ref's modules, batch 1 and 8
                   (both torch rows run in a fresh subprocess, after the JAX rows)
+  upstream-engine with --nanochat-src: upstream's Engine.generate on one prompt, num_samples 1 and
+                  8 (as upstream counts a batch), our weights in its checkpoint layout, loaded by
+                  its build_model in a subprocess (bench/upstream.py); tokens_match says whether
+                  every sample's greedy tokens equal our Engine's (a mismatch adds an "error" line)
 
 One JSON line per measurement (best of --repeats runs after an untimed warm-up):
 tok_per_s is decode throughput as upstream's infer_bench counts it (tokens after each
-stream's first / time after the first token), e2e_tok_per_s includes prefill; ttft_s is
-the mean time to first token, wall_s the whole run. The last line compares batch 1 and 8
-with upstream's figures (470 and 1850 tok/s).
+stream's first / time after the first token), ms_per_step the time per decode step after the
+first token, e2e_tok_per_s includes prefill; ttft_s is the mean time to first token, wall_s the
+whole run. The last line compares ours at batch 1 and 8 with what ran beside it in this run.
 """
 
 from __future__ import annotations
@@ -33,13 +40,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench import upstream
 from nanochat_jax import model
 from nanochat_jax.config import config_for_depth
 from nanochat_jax.convert import state_dict_from_params
 from nanochat_jax.tokenizer import SPECIAL_TOKENS
 from nanochat_jax.scheduler import Engine, Request, Scheduler
-
-UPSTREAM = {1: 470.0, 8: 1850.0}  # upstream nanochat's decode tok/s at batch 1 and 8 (the targets' base)
 
 
 class BenchTokenizer:
@@ -73,6 +79,7 @@ def row(impl, batch, tokens, wall, ttfts, **extra):
     """tokens: per stream. Decode rate counts tokens after each stream's first one."""
     first = max(ttfts)
     out = dict(impl=impl, batch=batch, tok_per_s=(sum(tokens) - batch) / (wall - first), ttft_s=statistics.mean(ttfts),
+               ms_per_step=1000 * (wall - first) / max(max(tokens) - 1, 1),
                wall_s=wall, e2e_tok_per_s=sum(tokens) / wall, tokens=sum(tokens))
     return {**out, **extra}
 
@@ -240,6 +247,21 @@ def bench_torch(args, config, params, prompts, new):
             yield {**best_run(run, args.repeats), "threads": threads}
 
 
+# ---- upstream nanochat ------------------------------------------------------------------------------
+
+def bench_upstream(args, config, params, tok, prompt, new):
+    """upstream's Engine on our weights, batch 1 and 8 samples of one prompt: the best run of each."""
+    job = dict(mode="decode", prompt=prompt, new_tokens=new, batches=sorted({1, *args.torch_batch}),
+               threads=args.torch_threads, repeats=args.repeats, vocab_size=config.vocab_size,
+               specials={s: tok.encode_special(s) for s in SPECIAL_TOKENS})
+    runs = [row("upstream-engine", r["batch"], r["tokens"], r["wall"], [r["ttft"]], threads=r["threads"],
+                outs=r["outs"], compute_dtype=r["compute_dtype"])
+            for r in upstream.run(args.nanochat_src, params, config, job, args.dtype,
+                                  "cuda" if jax.default_backend() == "gpu" else "cpu")]
+    for key in sorted({(r["threads"], r["batch"]) for r in runs}):
+        yield max((r for r in runs if (r["threads"], r["batch"]) == key), key=lambda r: r["tok_per_s"])
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--depth", type=int, default=4)
@@ -254,10 +276,13 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype (GPU: bfloat16)")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--nanochat-src", metavar="DIR", help="a checkout of upstream nanochat: adds its Engine's rows")
     ap.add_argument("--part", choices=["all", "jax", "torch"], default="all",
                     help="all: JAX here, then torch in a fresh subprocess (torch's OpenMP threads slow to a "
                          "crawl beside XLA's thread pool in one process on a busy 2-core machine)")
     args = ap.parse_args(argv)
+    if args.nanochat_src:
+        upstream.check_src(args.nanochat_src)  # fail before the long JAX part
 
     config = config_for_depth(args.depth, max_seq_len=args.seq_len, vocab_size=args.vocab_size)
     params = make_params(config)
@@ -303,16 +328,27 @@ def main(argv=None):
             r = json.loads(line)
             emit({**r, "matches_jax_engine": r.pop("out") == engine_out})
 
+    if args.nanochat_src:
+        for r in bench_upstream(args, config, params, tok, prompts[0], new):
+            bad = [o for o in r.pop("outs") if o != engine_out]
+            emit({**r, "tokens_match": not bad})
+            if bad:  # a loud line, not a crash: the timings above still stand
+                at = next((i for i, (a, b) in enumerate(zip(bad[0], engine_out)) if a != b), len(bad[0]))
+                err = dict(error="upstream's greedy tokens differ from our Engine's", batch=r["batch"],
+                           threads=r["threads"], rows_differing=len(bad), first_diff_at=at)
+                print("ERROR: " + json.dumps(err), file=sys.stderr, flush=True)
+                emit(err)
+
     def best(impls, batch):
-        got = [r["tok_per_s"] for r in rows if r["impl"] in impls and r["batch"] == batch]
+        got = [r["tok_per_s"] for r in rows if r.get("impl") in impls and r["batch"] == batch]
         return max(got) if got else None
-    summary = {"summary": "decode tok/s vs upstream nanochat", "target_ratio": 3.0}
-    for batch, upstream in UPSTREAM.items():
-        ours = best({"jax-engine", "jax-scheduler"}, batch)
-        torch_kv = best({"torch-kv"}, batch)
-        summary[f"batch{batch}"] = {
-            "ours": ours, "upstream": upstream, "ratio_vs_upstream": ours / upstream if ours else None,
-            "torch_kv_here": torch_kv, "ratio_vs_torch_kv_here": ours / torch_kv if ours and torch_kv else None}
+    summary = {"summary": "decode tok/s: ours (best of engine and scheduler) vs the others measured in this run"}
+    for batch in (1, 8):
+        s = summary[f"batch{batch}"] = {"ours": best({"jax-engine", "jax-scheduler"}, batch)}
+        for name, impl in (("torch_kv", "torch-kv"), ("upstream", "upstream-engine")):
+            other = best({impl}, batch)
+            if other:
+                s[name], s[f"ours_over_{name}"] = other, s["ours"] / other if s["ours"] else None
     print(json.dumps(summary), flush=True)
 
 

@@ -1,11 +1,15 @@
 """Training throughput: our base_train step (jit, sharded, nanochat MuonAdamW) vs the PyTorch
-reference loop (torch.compile'd model + the reference MuonAdamW) on the same batches.
+reference loop (torch.compile'd model + the reference MuonAdamW) and, given a checkout, upstream
+nanochat's own step (its torch.compile'd GPT + its MuonAdamW) on the same weights and batches.
 
     python -m bench.train                                      # CPU: d4, T=256, B=8, vocab 32768, fp32
     python -m bench.train --depth 12 20 --seq-len 2048 --batch-size 32 --dtype bfloat16   # GPU
+    git clone https://github.com/karpathy/nanochat /tmp/nanochat
+    python -m bench.train --nanochat-src /tmp/nanochat   # adds upstream's step (bench/upstream.py)
 
 JSON lines: step time, tok/s, MFU (where the device's peak is known), first-step (compile)
-time, peak device memory, and the speed-up of JAX over the torch loop. `--framework jax` or
+time, peak device memory, and the speed-up of JAX over the torch loop (and over upstream's step,
+run in a subprocess on our initial weights exported in its checkpoint layout). `--framework jax` or
 `torch` runs one side only (the GPU proof kit runs each in its own process, so neither
 framework's allocator holds memory the other needs); `--compile-cache DIR` turns on JAX's
 persistent compilation cache, so a second run shows the warm compile time.
@@ -15,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import jax
 import numpy as np
 
+from bench import upstream
 from bench.forward import timed
 from nanochat_jax import flops, optim, sharding
 from nanochat_jax.common import mfu, peak_flops, tune_malloc
@@ -55,6 +61,7 @@ def main(argv=None):
     ap.add_argument("--no-torch", action="store_true", help="same as --framework jax")
     ap.add_argument("--torch-eager", action="store_true", help="the torch loop without torch.compile")
     ap.add_argument("--compile-cache", metavar="DIR", help="JAX persistent compilation cache directory")
+    ap.add_argument("--nanochat-src", metavar="DIR", help="a checkout of upstream nanochat: adds its step's row")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--no-malloc-tuning", action="store_true",
@@ -63,6 +70,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.no_torch:
         args.framework = "jax"
+    if args.nanochat_src:
+        upstream.check_src(args.nanochat_src)
     tuned = False if args.no_malloc_tuning else tune_malloc()
     if args.compile_cache:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
@@ -91,7 +100,7 @@ def main(argv=None):
             tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
             ref = TorchGPT(config, dtype=tdtype, device=device)
 
-        jax_s = None
+        jax_s = init = None
         if args.framework in ("both", "jax"):
             mesh = sharding.make_mesh(args.mesh)
             tx = optim.make_optimizer(config, 1000, weight_decay=0.1, dtype=args.dtype)
@@ -99,6 +108,7 @@ def main(argv=None):
             params = params_from_state_dict(ref.state_dict(), config) if ref is not None else None
             key = jax.random.key(0) if params is None else None
             state = [init_train_state(config, tx, mesh, key, args.dtype, params=params)]
+            init = jax.device_get(state[0].params) if args.nanochat_src else None  # before donation
             step = make_train_step(config, tx, mesh, dtype=args.dtype)
 
             def jax_step():
@@ -114,6 +124,18 @@ def main(argv=None):
                                   peak_bytes=jax_peak_bytes(),
                                   mfu=mfu(fpt, n_tok, jax_s, jax.device_count(), peak))), flush=True)
             del state, step
+        if args.nanochat_src:
+            job = dict(mode="train", x=x[0].tolist(), y=y[0].tolist(), warmup=args.warmup, iters=args.iters,
+                       weight_decay=0.1, vocab_size=config.vocab_size)
+            init = init if init is not None else params_from_state_dict(ref.state_dict(), config)
+            u = upstream.run(args.nanochat_src, init, config, job, args.dtype,
+                             "cuda" if jax.default_backend() == "gpu" else "cpu")[0]
+            up_s = statistics.median(u["step_times"])
+            print(json.dumps(dict(base, framework="upstream+compile", step_s=up_s, tok_per_s=n_tok / up_s,
+                                  compile_s=u["compile_s"], first_loss=u["first_loss"],
+                                  compute_dtype=u["compute_dtype"], mfu=mfu(fpt, n_tok, up_s, 1, peak))), flush=True)
+            if jax_s is not None:
+                print(json.dumps({"depth": depth, "speedup_of_jax_over_upstream": up_s / jax_s}), flush=True)
         if ref is None:
             continue
 

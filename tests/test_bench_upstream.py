@@ -1,0 +1,186 @@
+"""bench --nanochat-src: upstream's Engine and training step beside ours (bench/upstream.py).
+
+A fake checkout written here (a tiny `nanochat` package shaped like upstream's) keeps these tests
+independent of a fetched one; NANOCHAT_SRC=<a real checkout> adds the parity tests against it.
+"""
+
+import contextlib
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from bench import decode, train, upstream  # noqa: E402
+from nanochat_jax import engine as E  # noqa: E402
+from nanochat_jax.config import config_for_depth  # noqa: E402
+
+TINY = ["--depth", "1", "--seq-len", "32", "--vocab-size", "256", "--prompt-tokens", "5", "--new-tokens", "6",
+        "--streams", "2", "--steps-per-call", "1", "--repeats", "1", "--torch-threads", "1", "--no-torch"]
+TINY_TRAIN = ["--depth", "1", "--seq-len", "16", "--batch-size", "8", "--vocab-size", "256", "--warmup", "0",
+              "--iters", "1", "--framework", "jax"]
+
+FAKE = {
+    "__init__.py": "",
+    "optim.py": "",
+    "common.py": """
+import os, torch
+COMPUTE_DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16}[os.environ.get("NANOCHAT_DTYPE", "float32")]
+""",
+    "gpt.py": """
+import torch, torch.nn.functional as F
+
+class GPT(torch.nn.Module):
+    def __init__(self, state_dict, config):
+        super().__init__()
+        self.config = config
+        self.wte = torch.nn.Parameter(state_dict["transformer.wte.weight"].clone())
+        self.head = torch.nn.Parameter(state_dict["lm_head.weight"].clone())
+
+    def forward(self, idx, targets):
+        return F.cross_entropy((self.wte[idx] @ self.head.T).flatten(0, 1), targets.flatten())
+
+    def setup_optimizer(self, weight_decay=0.0):
+        return torch.optim.SGD(self.parameters(), lr=0.1, weight_decay=weight_decay)
+""",
+    "checkpoint_manager.py": """
+import json, os, torch
+from nanochat.gpt import GPT
+
+def get_tokenizer():
+    raise FileNotFoundError("no trained tokenizer in this cache dir")
+
+def build_model(checkpoint_dir, step, device, phase):
+    sd = torch.load(os.path.join(checkpoint_dir, f"model_{step:06d}.pt"), map_location=device)
+    with open(os.path.join(checkpoint_dir, f"meta_{step:06d}.json")) as f:
+        meta = json.load(f)
+    tok = get_tokenizer()
+    assert tok.get_vocab_size() == meta["model_config"]["vocab_size"]
+    return GPT(sd, meta["model_config"]), tok, meta
+""",
+    # what it emits per num_samples is planted by the test in tokens.json
+    "engine.py": """
+import json
+from pathlib import Path
+
+class Engine:
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+
+    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
+        assert temperature == 0.0 and self.tokenizer.encode_special("<|assistant_end|>") >= 0
+        out = json.loads(Path(__file__).with_name("tokens.json").read_text())[str(num_samples)]
+        for t in out[:max_tokens]:
+            yield [t] * num_samples, [1] * num_samples
+""",
+}
+
+
+def fake_checkout(root, tokens=None):
+    (root / "nanochat").mkdir(parents=True)
+    for name, text in FAKE.items():
+        (root / "nanochat" / name).write_text(text)
+    (root / "nanochat" / "tokens.json").write_text(json.dumps(tokens or {}))
+    return root
+
+
+def our_greedy_tokens():
+    """What bench.decode's Engine row decodes for TINY's first prompt (the same seeds as main)."""
+    config = config_for_depth(1, max_seq_len=32, vocab_size=256)
+    tok = decode.BenchTokenizer(config.vocab_size)
+    prompt = np.random.default_rng(0).integers(0, tok.n_text, (8, 5)).tolist()[0]
+    eng = E.Engine(decode.make_params(config), config, tok)
+    return [col[0] for col, _ in eng.generate(prompt, max_tokens=6, temperature=0.0)]
+
+
+def lines(text):
+    return [json.loads(s) for s in text.splitlines() if s.startswith("{")]
+
+
+@pytest.fixture(scope="module")
+def decode_run(tmp_path_factory):
+    """One bench.decode run on the fake: batch 1 gives our tokens, batch 8 gives others."""
+    ours = our_greedy_tokens()
+    src = fake_checkout(tmp_path_factory.mktemp("fake"), {"1": ours, "8": [t + 1 for t in ours]})
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        decode.main(TINY + ["--nanochat-src", str(src)])
+    return lines(out.getvalue()), err.getvalue()
+
+
+def test_decode_lines_carry_both_sides_and_the_ratio(decode_run):
+    rows, _ = decode_run
+    impls = {(r.get("impl"), r.get("batch")) for r in rows}
+    assert {("jax-engine", 1), ("jax-scheduler", 2), ("upstream-engine", 1), ("upstream-engine", 8)} <= impls
+    up = [r for r in rows if r.get("impl") == "upstream-engine"]
+    assert all(r["tok_per_s"] > 0 and r["ms_per_step"] > 0 and r["ttft_s"] > 0 for r in up)
+    assert all(r["compute_dtype"] == "float32" for r in up)
+    summary = rows[-1]["batch1"]
+    assert summary["ours_over_upstream"] == pytest.approx(summary["ours"] / summary["upstream"])
+    assert "470" not in json.dumps(rows[-1]) and not hasattr(decode, "UPSTREAM")
+
+
+def test_decode_token_match_and_mismatch_are_reported(decode_run):
+    rows, err = decode_run
+    by_batch = {r["batch"]: r for r in rows if r.get("impl") == "upstream-engine"}
+    assert by_batch[1]["tokens_match"] is True
+    assert by_batch[8]["tokens_match"] is False
+    errors = [r for r in rows if "error" in r]
+    assert len(errors) == 1 and errors[0]["batch"] == 8 and errors[0]["rows_differing"] == 8
+    assert errors[0]["first_diff_at"] == 0 and "ERROR" in err
+
+
+@pytest.mark.parametrize("bench", [decode, train])
+def test_missing_or_invalid_checkout_is_one_clear_line(tmp_path, bench):
+    for src in (tmp_path / "absent", tmp_path):
+        with pytest.raises(SystemExit) as e:
+            bench.main(["--nanochat-src", str(src)])
+        msg = str(e.value.code)
+        assert "\n" not in msg and "not a nanochat checkout" in msg and "git clone" in msg
+
+
+def test_a_failing_upstream_is_one_clear_line(tmp_path):
+    src = fake_checkout(tmp_path)
+    (src / "nanochat" / "engine.py").write_text("import wandb\n")
+    config = config_for_depth(1, max_seq_len=32, vocab_size=256)
+    with pytest.raises(SystemExit) as e:
+        upstream.run(src, decode.make_params(config), config, dict(mode="decode", vocab_size=256))
+    msg = str(e.value.code)
+    assert "\n" not in msg and "failed" in msg and "wandb" in msg
+
+
+@pytest.mark.slow  # two compiles: our step and torch.compile of the fake
+def test_train_lines_carry_both_sides(tmp_path, capsys):
+    train.main(TINY_TRAIN + ["--nanochat-src", str(fake_checkout(tmp_path))])
+    rows = lines(capsys.readouterr().out)
+    jax_row, up_row, ratio = rows
+    assert jax_row["framework"] == "jax" and up_row["framework"] == "upstream+compile"
+    assert up_row["step_s"] > 0 and np.isfinite(up_row["first_loss"])
+    assert ratio["speedup_of_jax_over_upstream"] == pytest.approx(up_row["step_s"] / jax_row["step_s"])
+
+
+# ---- against a real checkout ----------------------------------------------------------------------
+
+REAL = os.environ.get("NANOCHAT_SRC")
+needs_real = pytest.mark.skipif(not REAL, reason="set NANOCHAT_SRC to a checkout of upstream nanochat")
+
+
+@needs_real
+def test_real_upstream_engine_decodes_our_tokens(capsys):
+    decode.main(TINY + ["--nanochat-src", REAL])
+    rows = lines(capsys.readouterr().out)
+    up = [r for r in rows if r.get("impl") == "upstream-engine"]
+    assert {r["batch"] for r in up} == {1, 8} and all(r["tokens_match"] for r in up)
+    assert not [r for r in rows if "error" in r]
+
+
+@needs_real
+@pytest.mark.slow
+def test_real_upstream_training_step_runs_on_our_weights(capsys):
+    train.main(TINY_TRAIN + ["--nanochat-src", REAL])
+    up = [r for r in lines(capsys.readouterr().out) if r.get("framework") == "upstream+compile"]
+    assert up and up[0]["first_loss"] == pytest.approx(np.log(256), rel=0.05)  # near-uniform at init
+    assert up[0]["compute_dtype"] == "float32"
