@@ -659,9 +659,10 @@ def load_params(directory, step: int | None = None, say=None) -> tuple[dict, GPT
     return state["params"], GPTConfig.from_dict(meta["model_config"]), meta
 
 
-def load_engine(checkpoint: str, nanochat: bool, tokenizer_dir: str, dtype=None, step: int | None = None):
+def load_engine(checkpoint: str, nanochat: bool, tokenizer_dir: str, dtype=None, step: int | None = None,
+                mesh=None):
     """An Engine over params from a nanochat .pt directory, or from our Orbax checkpoint / run dir
-    (latest or given step)."""
+    (latest or given step); mesh (serving_mesh.serving_mesh) splits it over devices."""
     from nanochat_jax.scheduler import Engine
     from nanochat_jax.tokenizer import Tokenizer
 
@@ -670,7 +671,7 @@ def load_engine(checkpoint: str, nanochat: bool, tokenizer_dir: str, dtype=None,
         params, config, _ = load_nanochat_checkpoint(checkpoint, step=step, dtype=dtype)
     else:
         params, config, _ = load_params(checkpoint, step)
-    return Engine(params, config, Tokenizer.load(tokenizer_dir), dtype=dtype)
+    return Engine(params, config, Tokenizer.load(tokenizer_dir), dtype=dtype, mesh=mesh)
 
 
 def newest_run(root) -> epath.Path:

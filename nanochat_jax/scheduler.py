@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nanochat_jax import engine as E
+from nanochat_jax import engine as E, serving_mesh
 from nanochat_jax.common import resolve_dtype
 from nanochat_jax.config import GPTConfig
 
@@ -237,7 +237,10 @@ class Scheduler:
         self.steps_per_call = steps_per_call
         self.max_len = max_len or engine.config.sequence_len
         self.vocab_size = engine.config.vocab_size
-        self.state = E.init_state(engine.config, slots, self.max_len, engine.stop_ids, engine.dtype)
+        self.state = (E.init_state(engine.config, slots, self.max_len, engine.stop_ids, engine.dtype)
+                      if engine.mesh is None else
+                      serving_mesh.init_state(engine.mesh, engine.config, slots, self.max_len, engine.stop_ids,
+                                              engine.dtype))
         if jax.random.key_data(jax.random.key(0)).shape != (2,):
             raise ValueError("the scheduler's 64-bit seeds need the default threefry PRNG")
         self._owner = [None] * slots  # (request, choice index) per busy slot
@@ -579,11 +582,14 @@ class Engine:
     """Streaming generation over the jitted core (upstream's Engine API, plus top_p). Each call
     turns a private Scheduler on this thread: one prefill, num_samples slots, no queue wait."""
 
-    def __init__(self, params, config: GPTConfig, tokenizer, dtype=None, steps_per_call: int = 1):
+    def __init__(self, params, config: GPTConfig, tokenizer, dtype=None, steps_per_call: int = 1, mesh=None):
         """steps_per_call > 1 decodes that many tokens per device call (generate_steps):
-        fewer dispatches and host syncs, at the cost of up to that many wasted steps at the end."""
+        fewer dispatches and host syncs, at the cost of up to that many wasted steps at the end.
+        mesh (serving_mesh.serving_mesh) splits the weights and every Scheduler's decode state."""
         # host (numpy) params go to the device once here, not on every jitted call
-        params = jax.tree.map(lambda a: a if isinstance(a, jax.Array) else jnp.asarray(a), params)
+        params = (jax.tree.map(lambda a: a if isinstance(a, jax.Array) else jnp.asarray(a), params)
+                  if mesh is None else serving_mesh.place_params(params, config, mesh))
+        self.mesh = mesh
         self.params, self.config, self.tokenizer = params, config, tokenizer
         self.dtype = resolve_dtype(dtype)
         self.steps_per_call = steps_per_call
@@ -606,7 +612,9 @@ class Engine:
         if n >= cap:
             raise ValueError(f"prompt of {n} tokens leaves no room under the {cap}-token limit")
         max_len = -(-cap // 128) * 128  # round up so nearby requests share one compile
-        sched = Scheduler(self, slots=num_samples, max_len=max_len, steps_per_call=self.steps_per_call, thread=False)
+        replicas = 1 if self.mesh is None else self.mesh.shape["data"]
+        sched = Scheduler(self, slots=-(-num_samples // replicas) * replicas, max_len=max_len,
+                          steps_per_call=self.steps_per_call, thread=False)
         got = []
         req = sched.submit(Request(list(tokens), lambda ev: None, max_tokens=cap - n, n=num_samples,
                                    temperature=temperature, top_k=top_k or 0, top_p=1.0 if top_p is None else top_p,

@@ -679,7 +679,7 @@ def serve(sched: Scheduler, app: FastAPI, host: str, port: int, drain_s: float =
 
 
 def main(argv=None):
-    from nanochat_jax import safety as safety_mod
+    from nanochat_jax import safety as safety_mod, serving_mesh
     from nanochat_jax.checkpoint import load_engine
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -703,6 +703,8 @@ def main(argv=None):
                     help="drop the oldest turns of over-long conversations instead of answering 400")
     ap.add_argument("--drain-seconds", type=float, default=5.0,
                     help="on SIGTERM, let requests in flight finish for this long, then cancel them")
+    ap.add_argument("--mesh", default=None, metavar="SPEC",
+                    help="serve over devices: model=N tensor parallel, data=N slot replicas, or both (docs/serving.md)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for flag, value, lo in (("--slots", args.slots, 1), ("--max-queue", args.max_queue, 0),
@@ -713,8 +715,15 @@ def main(argv=None):
         policy = safety_mod.load_policy(args.safety, args.safety_classifier)
     except safety_mod.PolicyError as e:
         ap.exit(2, f"error: {e}\n")
+    mesh = None
+    if args.mesh:
+        try:
+            mesh = serving_mesh.serving_mesh(args.mesh)
+            serving_mesh.check_slots(mesh, args.slots)
+        except ValueError as e:
+            ap.exit(2, f"error: --mesh: {e}\n")
     try:
-        engine = load_engine(args.checkpoint, args.nanochat, args.tokenizer_dir, args.dtype)
+        engine = load_engine(args.checkpoint, args.nanochat, args.tokenizer_dir, args.dtype, mesh=mesh)
     except Exception as e:  # noqa: BLE001  (a missing or corrupt checkpoint: one line, not a traceback)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         ap.exit(1, f"error: could not load the model: {msg}\n")

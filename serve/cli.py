@@ -19,6 +19,7 @@ import sys
 import threading
 
 from nanochat_jax.checkpoint import load_engine
+from nanochat_jax.serving_mesh import serving_mesh
 from serve.app import truncate_messages
 
 
@@ -98,11 +99,16 @@ def main(argv=None):
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--dtype", default=None)
+    ap.add_argument("--mesh", default=None, metavar="SPEC", help="model=N: split the model over N devices")
     args = ap.parse_args(argv)
     if args.max_tokens < 1 or args.temperature < 0 or args.top_k < 0:
         ap.error("--max-tokens must be >= 1, --temperature and --top-k >= 0")
     try:
-        engine = load_engine(args.checkpoint, args.nanochat, args.tokenizer_dir, args.dtype)
+        mesh = serving_mesh(args.mesh) if args.mesh else None
+    except ValueError as e:
+        ap.exit(2, f"error: --mesh: {e}\n")
+    try:
+        engine = load_engine(args.checkpoint, args.nanochat, args.tokenizer_dir, args.dtype, mesh=mesh)
     except Exception as e:  # noqa: BLE001  (a missing or corrupt checkpoint: one line, not a traceback)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         ap.exit(1, f"error: could not load the model: {msg}\n")

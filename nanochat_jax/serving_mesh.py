@@ -1,0 +1,72 @@
+"""Serving on a mesh (docs/serving.md#serving-on-a-mesh): tensor parallel and replicas.
+
+`model=N` splits the weights by the training rules (sharding.RULES: heads, kv heads, MLP
+columns, vocab) and the KV cache on its kv-head axis, so each device holds 1/N of both and
+XLA adds the all-reduces. `data=N` splits the decode state's slot axis: each replica runs
+its own slots against a full copy of the weights. The state and the weights are placed once;
+the jitted steps (engine.py) take them as they are and hand them back with the same
+shardings (the state is donated), so nothing gathers onto one device per step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from nanochat_jax import engine as E, model, sharding
+from nanochat_jax.config import GPTConfig
+from nanochat_jax.engine import DecodeState
+
+CACHE = P("data", "model", None, None)  # (slot, kv head, position, head dim)
+
+
+def serving_mesh(spec: str, devices=None) -> Mesh:
+    """The mesh for `--mesh` (ValueError naming what to change); place_params checks the model.
+
+    Fixed sizes take the first devices they need (model=2 on an 8-device host uses 2);
+    -1 takes the rest, as in training. fsdp is a training layout: serving rejects it.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    try:
+        sizes = [int(p.partition("=")[2]) for p in spec.split(",") if p.strip()]
+        need = None if -1 in sizes else math.prod(sizes)
+    except ValueError:
+        need = None  # malformed: make_mesh says why
+    if need is not None and need < len(devices):
+        devices = devices[:need]
+    mesh = sharding.make_mesh(spec, devices)
+    if mesh.shape["fsdp"] != 1:
+        raise ValueError(f"mesh {spec!r}: serving splits over data (replicas) and model (tensor parallel) only, "
+                         f"not fsdp")
+    return mesh
+
+
+def place_params(params, config: GPTConfig, mesh: Mesh):
+    """Weights split by their logical axes (replicated over data), straight from the host."""
+    sharding.validate(config, mesh)
+    return jax.device_put(params, sharding.param_shardings(model.param_axes(config), mesh))
+
+
+def state_shardings(state: DecodeState, mesh: Mesh) -> DecodeState:
+    """Every per-slot array split on its slot axis over data; the caches' kv heads over model."""
+    def per_slot(a):
+        return NamedSharding(mesh, P("data", *([None] * (a.ndim - 1))))
+
+    out = jax.tree.map(per_slot, state)
+    caches = tuple(NamedSharding(mesh, CACHE) for _ in state.k_cache)
+    return out._replace(k_cache=caches, v_cache=caches, stop_ids_N=NamedSharding(mesh, P()))
+
+
+def check_slots(mesh: Mesh, slots: int) -> None:
+    if slots % mesh.shape["data"]:
+        raise ValueError(f"{slots} slots do not split over data={mesh.shape['data']} replicas: "
+                         f"make --slots a multiple of {mesh.shape['data']}")
+
+
+def init_state(mesh: Mesh, config: GPTConfig, slots: int, max_len: int, stop_ids, dtype=None) -> DecodeState:
+    """engine.init_state made in place on the mesh: no device ever holds the whole cache."""
+    check_slots(mesh, slots)
+    make = lambda: E.init_state(config, slots, max_len, tuple(stop_ids), dtype)  # noqa: E731
+    return jax.jit(make, out_shardings=state_shardings(jax.eval_shape(make), mesh))()
