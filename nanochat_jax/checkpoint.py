@@ -659,9 +659,10 @@ def load_params(directory, step: int | None = None, say=None) -> tuple[dict, GPT
     return state["params"], GPTConfig.from_dict(meta["model_config"]), meta
 
 
-def load_engine(checkpoint: str, nanochat: bool, tokenizer_dir: str, dtype=None, step: int | None = None):
+def load_engine(checkpoint: str, nanochat: bool, tokenizer_dir: str, dtype=None, step: int | None = None,
+                quantize: str | None = None):
     """An Engine over params from a nanochat .pt directory, or from our Orbax checkpoint / run dir
-    (latest or given step)."""
+    (latest or given step); quantize="int8": weight-only int8 matmul kernels (nanochat_jax/quantize.py)."""
     from nanochat_jax.scheduler import Engine
     from nanochat_jax.tokenizer import Tokenizer
 
@@ -670,6 +671,10 @@ def load_engine(checkpoint: str, nanochat: bool, tokenizer_dir: str, dtype=None,
         params, config, _ = load_nanochat_checkpoint(checkpoint, step=step, dtype=dtype)
     else:
         params, config, _ = load_params(checkpoint, step)
+    if quantize is not None:
+        from nanochat_jax.quantize import nbytes, quantize_params
+        before, params = nbytes(params), quantize_params(params, quantize)
+        print(f"quantize {quantize}: params {before / 1e6:.1f} MB -> {nbytes(params) / 1e6:.1f} MB", file=sys.stderr)
     return Engine(params, config, Tokenizer.load(tokenizer_dir), dtype=dtype)
 
 
