@@ -47,28 +47,25 @@ def head_dequantized(params):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--depth", type=int, default=4)
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--vocab-size", type=int, default=32768)
-    ap.add_argument("--prompt-tokens", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--depth", type=int, default=4, help="vocab 32768, context 256 (bench.decode's model)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="1: Engine; N > 1: Scheduler, N slots")
+    ap.add_argument("--new-tokens", type=int, default=64, help="after a 32-token random prompt")
     ap.add_argument("--steps-per-call", type=int, default=8)
-    ap.add_argument("--eval-rows", type=int, default=8, help="token rows (of --seq-len) for bpb and logits")
+    ap.add_argument("--eval-rows", type=int, default=8, help="random 256-token rows for bpb and logits")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--bf16", action="store_true", help="bf16 compute (accelerators)")
     args = ap.parse_args(argv)
 
-    config = config_for_depth(args.depth, max_seq_len=args.seq_len, vocab_size=args.vocab_size)
+    config = config_for_depth(args.depth, max_seq_len=256, vocab_size=32768)
     dtype = jnp.bfloat16 if args.bf16 else jnp.float32
     params = make_params(config)
     variants = {"fp32": params, "int8": quantize_params(params, "int8"), "bf16-weights": bf16_weights(params)}
     tok = BenchTokenizer(config.vocab_size)
     rng = np.random.default_rng(0)
-    rows_BT = rng.integers(0, tok.n_text, (args.eval_rows, args.seq_len + 1))
+    rows_BT = rng.integers(0, tok.n_text, (args.eval_rows, config.sequence_len + 1))
     batches = [{"inputs": rows_BT[i:i + 1, :-1], "targets": rows_BT[i:i + 1, 1:]} for i in range(args.eval_rows)]
     token_bytes = (np.arange(config.vocab_size) < tok.n_text).astype(np.int32)  # random weights: 1 byte a text id
-    prompts = rng.integers(0, tok.n_text, (max(args.batches), args.prompt_tokens)).tolist()
+    prompts = rng.integers(0, tok.n_text, (max(args.batches), 32)).tolist()
     base = dict(depth=args.depth, n_embd=config.n_embd, vocab=config.vocab_size, dtype=jnp.dtype(dtype).name,
                 device=str(jax.devices()[0].device_kind))
     emit = lambda r: print(json.dumps({**base, **r}), flush=True)  # noqa: E731
