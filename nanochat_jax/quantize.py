@@ -10,7 +10,8 @@ qwix's model-level path (quantize_model / PtqProvider) intercepts the dot_genera
 it re-runs, and our params are a plain nested dict fed to one functional apply; its array-level
 API fits that directly: qwix.quantize on each kernel here, qwix.dot_general in model.Linear's
 hook (dot). Activations stay in the compute dtype, so qwix dequantizes the weight into the
-matmul (XLA fuses the convert on accelerators; XLA:CPU materializes it, see bench/RESULTS.md).
+matmul: the saving is in bytes read, for accelerators; on XLA:CPU the convert costs more than it
+saves (bench/RESULTS.md, "Quantized decode").
 """
 
 import jax
