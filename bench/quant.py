@@ -13,8 +13,8 @@ only its fp32 → int8 delta means anything):
               goes in dequantized: the same numbers quantize.dot computes)
   decode      tok/s: Engine batch 1 and Scheduler batch 8 (bench.decode's counting)
 
-"bf16-weights" stores the matmul kernels in bf16 and computes in fp32: the cheaper second option
-this bench decides on (docs/serving.md).
+"bf16-weights" stores the matmul kernels in bf16 and computes in fp32: the candidate second
+option, left out of --quantize because it did not pay (bench/RESULTS.md, "Quantized decode").
 """
 
 from __future__ import annotations
