@@ -660,9 +660,13 @@ def load_params(directory, step: int | None = None, say=None) -> tuple[dict, GPT
 
 
 def load_engine(checkpoint: str, nanochat: bool, tokenizer_dir: str, dtype=None, step: int | None = None,
-                mesh=None):
+                mesh=None, quantize: str | None = None):
     """An Engine over params from a nanochat .pt directory, or from our Orbax checkpoint / run dir
-    (latest or given step); mesh (serving_mesh.serving_mesh) splits it over devices."""
+    (latest or given step); mesh (serving_mesh.serving_mesh) splits it over devices; quantize="int8":
+    weight-only int8 matmul kernels (nanochat_jax/quantize.py). The mesh places weights by their
+    declared axes, which quantized kernels do not have yet, so the two are not combined."""
+    if mesh is not None and quantize is not None:
+        raise ValueError("quantize and a serving mesh cannot be combined yet: use one or the other")
     from nanochat_jax.scheduler import Engine
     from nanochat_jax.tokenizer import Tokenizer
 
@@ -671,6 +675,10 @@ def load_engine(checkpoint: str, nanochat: bool, tokenizer_dir: str, dtype=None,
         params, config, _ = load_nanochat_checkpoint(checkpoint, step=step, dtype=dtype)
     else:
         params, config, _ = load_params(checkpoint, step)
+    if quantize is not None:
+        from nanochat_jax.quantize import nbytes, quantize_params
+        before, params = nbytes(params), quantize_params(params, quantize)
+        print(f"quantize {quantize}: params {before / 1e6:.1f} MB -> {nbytes(params) / 1e6:.1f} MB", file=sys.stderr)
     return Engine(params, config, Tokenizer.load(tokenizer_dir), dtype=dtype, mesh=mesh)
 
 

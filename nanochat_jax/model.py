@@ -127,7 +127,12 @@ class Linear(nn.Module):
                             (x.shape[-1], self.features), jnp.float32)
         # One 2-D GEMM over all leading dims: XLA:CPU runs the backward of a (B, T, C) dot
         # contracting two dims ~2x slower than the same product on (B·T, C).
-        y = x.reshape(-1, x.shape[-1]) @ kernel.astype(x.dtype)
+        x_NC = x.reshape(-1, x.shape[-1])
+        if hasattr(kernel, "qvalue"):  # an int8 QArray from serving's --quantize (nanochat_jax/quantize.py)
+            from nanochat_jax.quantize import dot
+            y = dot(x_NC, kernel)
+        else:
+            y = x_NC @ kernel.astype(x.dtype)
         return y.reshape(*x.shape[:-1], self.features)
 
 

@@ -693,6 +693,7 @@ def main(argv=None):
     ap.add_argument("--api-key", default=None)
     ap.add_argument("--model-name", default="nanochat")
     ap.add_argument("--dtype", default=None)
+    ap.add_argument("--quantize", default=None, metavar="int8", help="weight-only int8 matmul kernels (off by default)")
     ap.add_argument("--steps-per-call", type=int, default=4, help="decode steps per device call (1: one per token)")
     ap.add_argument("--no-warmup", action="store_true", help="skip compiling every shape before serving")
     ap.add_argument("--safety", default="default", metavar="off|default|PATH",
@@ -723,7 +724,8 @@ def main(argv=None):
         except ValueError as e:
             ap.exit(2, f"error: --mesh: {e}\n")
     try:
-        engine = load_engine(args.checkpoint, args.nanochat, args.tokenizer_dir, args.dtype, mesh=mesh)
+        engine = load_engine(args.checkpoint, args.nanochat, args.tokenizer_dir, args.dtype, mesh=mesh,
+                             quantize=args.quantize)
     except Exception as e:  # noqa: BLE001  (a missing or corrupt checkpoint: one line, not a traceback)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         ap.exit(1, f"error: could not load the model: {msg}\n")

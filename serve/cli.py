@@ -100,6 +100,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--mesh", default=None, metavar="SPEC", help="model=N: split the model over N devices")
+    ap.add_argument("--quantize", default=None, metavar="int8", help="weight-only int8 matmul kernels (off by default)")
     args = ap.parse_args(argv)
     if args.max_tokens < 1 or args.temperature < 0 or args.top_k < 0:
         ap.error("--max-tokens must be >= 1, --temperature and --top-k >= 0")
@@ -108,7 +109,8 @@ def main(argv=None):
     except ValueError as e:
         ap.exit(2, f"error: --mesh: {e}\n")
     try:
-        engine = load_engine(args.checkpoint, args.nanochat, args.tokenizer_dir, args.dtype, mesh=mesh)
+        engine = load_engine(args.checkpoint, args.nanochat, args.tokenizer_dir, args.dtype, mesh=mesh,
+                             quantize=args.quantize)
     except Exception as e:  # noqa: BLE001  (a missing or corrupt checkpoint: one line, not a traceback)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         ap.exit(1, f"error: could not load the model: {msg}\n")
