@@ -500,6 +500,8 @@ class Scheduler:
             raise RuntimeError("warmup needs an idle scheduler")
         t0 = time.perf_counter()
         bos = self.engine.special["<|bos|>"]
+        # Without the store: each bucket's cold prefill compiles, and no one's conversation is kept.
+        store, self.prefix_cache = self.prefix_cache, None
         try:
             for T in sorted({E.bucket_length(n, self.max_len) for n in range(1, self.max_len)}):
                 req = Request([bos] * min(T, self.max_len - 1), lambda ev: None, max_tokens=self.max_len, seed=0)
@@ -507,8 +509,7 @@ class Scheduler:
             self._finish[0] = E.RUNNING  # compiles _free's device update too
         finally:
             self._free(0)
-            if self.prefix_cache is not None:  # the warm-up prompts are no one's conversation
-                self.prefix_cache.clear()
+            self.prefix_cache = store
         self._step()  # every slot free: a full decode call that changes nothing
         return time.perf_counter() - t0
 

@@ -130,3 +130,11 @@ def test_never_covers_the_whole_prompt():
     assert store.lookup(p)[0] == 16
     assert store.lookup(p[:16])[0] == 0
     assert store.lookup(p + [7])[0] == 20
+
+
+def test_warmup_compiles_cold_prefills_and_keeps_nothing(eng, monkeypatch):
+    sched = scheduler.Scheduler(eng, slots=2, thread=False, prefix_cache_bytes=1 << 20)
+    calls = []
+    monkeypatch.setattr(engine, "prefill_from", lambda *a, **k: calls.append(a))
+    sched._warmup()
+    assert not calls and len(sched.prefix_cache) == 0 and sched.prefix_cache.stats()["hits"] == 0
