@@ -45,31 +45,28 @@ def converse(sched, turns, reply_tokens):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--depth", type=int, default=4)
-    ap.add_argument("--seq-len", type=int, default=2048)
-    ap.add_argument("--vocab-size", type=int, default=32768)
-    ap.add_argument("--turns", type=int, default=10)
-    ap.add_argument("--system-tokens", type=int, default=200)
-    ap.add_argument("--user-tokens", type=int, default=150)
-    ap.add_argument("--reply-tokens", type=int, default=32)
-    ap.add_argument("--prefix-cache-mb", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=2)
+    for flag, default in (("--depth", 4), ("--seq-len", 2048), ("--vocab-size", 32768), ("--turns", 10),
+                          ("--prefix-cache-mb", 256), ("--repeats", 2)):
+        ap.add_argument(flag, type=int, default=default)
+    ap.add_argument("--tokens", type=int, nargs=3, default=[200, 150, 32], metavar=("SYSTEM", "USER", "REPLY"),
+                    help="system prompt, each user message and each reply")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = ap.parse_args(argv)
     config = config_for_depth(args.depth, max_seq_len=args.seq_len, vocab_size=args.vocab_size)
     tok = BenchTokenizer(config.vocab_size)
     eng = Engine(make_params(config), config, tok, dtype=args.dtype)
     rng = np.random.default_rng(0)
-    turns = [rng.integers(0, tok.n_text, n).tolist() for n in [args.system_tokens] + [args.user_tokens] * args.turns]
+    system, user, reply = args.tokens
+    turns = [rng.integers(0, tok.n_text, n).tolist() for n in [system] + [user] * args.turns]
     last = {}
     for name, mb in (("cold", 0), ("reuse", args.prefix_cache_mb)):
         sched = Scheduler(eng, slots=1, thread=False, prefix_cache_bytes=mb << 20)
-        converse(sched, turns, args.reply_tokens)  # compiles every shape this conversation needs
+        converse(sched, turns, reply)  # compiles every shape this conversation needs
         runs = []
         for _ in range(args.repeats):
             if sched.prefix_cache is not None:
                 sched.prefix_cache.clear()
-            runs.append(converse(sched, turns, args.reply_tokens))
+            runs.append(converse(sched, turns, reply))
         for k, per_turn in enumerate(zip(*runs), start=1):
             n, reused, _ = per_turn[0]
             r = dict(mode=name, turn=k, prompt_tokens=n, reused_tokens=reused,
