@@ -232,6 +232,22 @@ def prefill(params, tokens_1T, length, *, config: GPTConfig, dtype=None) -> Pref
     return Prefix(filled.k, filled.v, length, filled.prev_BC[0], logits[0, 0])
 
 
+@functools.partial(jax.jit, static_argnames=("total", "config", "dtype"))
+def prefill_from(params, cached: Prefix, tokens_1T, n_new, *, total: int, config: GPTConfig, dtype=None) -> Prefix:
+    """Prefill the n_new tokens that follow a stored prefix (`cached`, logits unused), into a
+    cache of `total` positions (the bucket a cold prefill of the whole prompt would have), so
+    insert sees the same shapes (one compile per stored, chunk and total bucket)."""
+    cd = resolve_dtype(dtype)
+    keep = min(cached.k_cache[0].shape[2], total)
+    grow = lambda c: jnp.zeros((1, config.n_kv_head, total, config.head_dim), cd).at[:, :, :keep].set(  # noqa: E731
+        c[:, :, :keep].astype(cd))
+    n_new = jnp.asarray(n_new, jnp.int32)
+    cache = KVCache(tuple(map(grow, cached.k_cache)), tuple(map(grow, cached.v_cache)), cached.length[None],
+                    cached.prev_C[None].astype(cd))
+    logits, filled = forward(params, tokens_1T, config, dtype=cd, cache=cache, n_new_B=n_new[None], last_only=True)
+    return Prefix(filled.k, filled.v, filled.lengths_B[0], filled.prev_BC[0], logits[0, 0])
+
+
 def bucket_length(n: int, max_len: int) -> int:
     """Prompt buckets: powers of two from MIN_BUCKET, capped at the cache length."""
     return min(max(MIN_BUCKET, 1 << (n - 1).bit_length()), max_len)

@@ -39,6 +39,7 @@ import numpy as np
 from nanochat_jax import engine as E, serving_mesh
 from nanochat_jax.common import resolve_dtype
 from nanochat_jax.config import GPTConfig
+from nanochat_jax.prefix_cache import PrefixCache
 
 log = logging.getLogger("nanochat.serve")
 
@@ -229,14 +230,17 @@ class Scheduler:
     """Owns the decode loop thread; `submit` and `cancel` are safe from any thread."""
 
     def __init__(self, engine: Engine, slots: int = 8, max_queue: int = 32, max_len: int | None = None,
-                 steps_per_call: int = 1, thread: bool = True):
+                 steps_per_call: int = 1, thread: bool = True, prefix_cache_bytes: int = 0):
         """steps_per_call > 1 decodes that many tokens per device call (E.generate_steps): less
         dispatch and host sync per token; a new request or a cancel waits for the call to end.
-        thread=False starts no thread: the caller turns the loop with run_once()."""
+        thread=False starts no thread: the caller turns the loop with run_once().
+        prefix_cache_bytes > 0 keeps prefilled prompts up to that many bytes (prefix_cache.py):
+        a prompt that extends one of them (the next chat turn) prefills only the rest."""
         self.engine, self.slots, self.max_queue = engine, slots, max_queue
         self.steps_per_call = steps_per_call
         self.max_len = max_len or engine.config.sequence_len
         self.vocab_size = engine.config.vocab_size
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self.state = (E.init_state(engine.config, slots, self.max_len, engine.stop_ids, engine.dtype)
                       if engine.mesh is None else
                       serving_mesh.init_state(engine.mesh, engine.config, slots, self.max_len, engine.stop_ids,
@@ -433,10 +437,19 @@ class Scheduler:
     def _place(self, req: Request, slots: list):
         """Prefill once, insert into `slots`; choice i samples with fold_in(seed, i)."""
         n = len(req.prompt)
-        padded = np.zeros((1, E.bucket_length(n, self.max_len)), np.int32)
-        padded[0, :n] = req.prompt
-        prefix = E.prefill(self.engine.params, jnp.asarray(padded), n, config=self.engine.config,
-                           dtype=self.engine.dtype)
+        start, cached = self.prefix_cache.lookup(req.prompt) if self.prefix_cache is not None else (0, None)
+        padded = np.zeros((1, E.bucket_length(n - start, self.max_len)), np.int32)
+        padded[0, :n - start] = req.prompt[start:]
+        if cached is None:
+            prefix = E.prefill(self.engine.params, jnp.asarray(padded), n, config=self.engine.config,
+                               dtype=self.engine.dtype)
+        else:
+            log.debug("prefix cache: %d of %d prompt tokens reused", start, n)
+            prefix = E.prefill_from(self.engine.params, cached, jnp.asarray(padded), n - start,
+                                    total=E.bucket_length(n, self.max_len), config=self.engine.config,
+                                    dtype=self.engine.dtype)
+        if self.prefix_cache is not None:
+            self.prefix_cache.store(req.prompt, prefix)
         base = jax.random.wrap_key_data(jnp.asarray(seed_key_data(req.seed)))
         bias_V = np.zeros(self.vocab_size, np.float32)
         for tok, b in (req.logit_bias or {}).items():
@@ -490,6 +503,8 @@ class Scheduler:
             raise RuntimeError("warmup needs an idle scheduler")
         t0 = time.perf_counter()
         bos = self.engine.special["<|bos|>"]
+        # Without the store: each bucket's cold prefill compiles, and no one's conversation is kept.
+        store, self.prefix_cache = self.prefix_cache, None
         try:
             for T in sorted({E.bucket_length(n, self.max_len) for n in range(1, self.max_len)}):
                 req = Request([bos] * min(T, self.max_len - 1), lambda ev: None, max_tokens=self.max_len, seed=0)
@@ -497,6 +512,7 @@ class Scheduler:
             self._finish[0] = E.RUNNING  # compiles _free's device update too
         finally:
             self._free(0)
+            self.prefix_cache = store
         self._step()  # every slot free: a full decode call that changes nothing
         return time.perf_counter() - t0
 

@@ -695,6 +695,9 @@ def main(argv=None):
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--quantize", default=None, metavar="int8", help="weight-only int8 matmul kernels (off by default)")
     ap.add_argument("--steps-per-call", type=int, default=4, help="decode steps per device call (1: one per token)")
+    ap.add_argument("--prefix-cache-mb", type=int, default=256,
+                    help="keep prefilled prompts up to this many MiB so a chat's next turn prefills only "
+                         "the new tokens (0: off)")
     ap.add_argument("--no-warmup", action="store_true", help="skip compiling every shape before serving")
     ap.add_argument("--safety", default="default", metavar="off|default|PATH",
                     help="safety filter: off, the packaged default policy, or a policy JSON file")
@@ -709,7 +712,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for flag, value, lo in (("--slots", args.slots, 1), ("--max-queue", args.max_queue, 0),
-                            ("--steps-per-call", args.steps_per_call, 1)):
+                            ("--steps-per-call", args.steps_per_call, 1),
+                            ("--prefix-cache-mb", args.prefix_cache_mb, 0)):
         if value < lo:
             ap.error(f"{flag} must be at least {lo}")
     try:
@@ -729,7 +733,8 @@ def main(argv=None):
     except Exception as e:  # noqa: BLE001  (a missing or corrupt checkpoint: one line, not a traceback)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         ap.exit(1, f"error: could not load the model: {msg}\n")
-    sched = Scheduler(engine, slots=args.slots, max_queue=args.max_queue, steps_per_call=args.steps_per_call)
+    sched = Scheduler(engine, slots=args.slots, max_queue=args.max_queue, steps_per_call=args.steps_per_call,
+                      prefix_cache_bytes=args.prefix_cache_mb << 20)
     app = create_app(sched, args.model_name, args.api_key, safety=policy, truncate=args.truncate)
     if not args.no_warmup:
         print("warming up (compiling prefill buckets and the decode step)...", file=sys.stderr, flush=True)
