@@ -111,3 +111,28 @@ def test_server_main_with_mesh(monkeypatch, capsys, solo):
         app_mod.main(["--checkpoint", "x", "--tokenizer-dir", "y", "--slots", "3", "--mesh", "data=2"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "3 slots do not split over data=2" in err and not started.is_set()
+
+
+def test_prefix_reuse_on_a_mesh_matches_one_device():
+    """A second turn that extends the first prompt is prefilled from the store and inserted into the
+    split decode state: same tokens as one device without the store."""
+    turn1 = PROMPTS[2]
+    turn2 = turn1 + [TOK.encode_special("<|assistant_start|>")] + TOK.encode(" and then some more words")
+
+    def two_turns(engine, store_bytes):
+        sched = Scheduler(engine, slots=4, thread=False, prefix_cache_bytes=store_bytes)
+        out = []
+        for prompt in (turn1, turn2):
+            got = []
+            req = sched.submit(Request(prompt, lambda ev: None, max_tokens=8, temperature=0.0,
+                                       on_token=lambda *a: got.append(a[2])))
+            while not all(ch.done for ch in req.choices):
+                sched.run_once()
+            out.append(got)
+        return out, sched.prefix_cache
+
+    want, _ = two_turns(Engine(PARAMS, CFG, TOK, dtype=F32), 0)
+    got, store = two_turns(Engine(PARAMS, CFG, TOK, dtype=F32, mesh=serving_mesh.serving_mesh("data=2,model=2")),
+                           1 << 26)
+    assert got == want
+    assert store.stats()["hits"] == 1
