@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from bench import decode, train, upstream  # noqa: E402
-from nanochat_jax import engine as E  # noqa: E402
+from nanochat_jax.scheduler import Engine  # noqa: E402
 from nanochat_jax.config import config_for_depth  # noqa: E402
 
 TINY = ["--depth", "1", "--seq-len", "32", "--vocab-size", "256", "--prompt-tokens", "5", "--new-tokens", "6",
@@ -92,7 +92,7 @@ def our_greedy_tokens():
     config = config_for_depth(1, max_seq_len=32, vocab_size=256)
     tok = decode.BenchTokenizer(config.vocab_size)
     prompt = np.random.default_rng(0).integers(0, tok.n_text, (8, 5)).tolist()[0]
-    eng = E.Engine(decode.make_params(config), config, tok)
+    eng = Engine(decode.make_params(config), config, tok)
     return [col[0] for col, _ in eng.generate(prompt, max_tokens=6, temperature=0.0)]
 
 
