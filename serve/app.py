@@ -678,9 +678,30 @@ def serve(sched: Scheduler, app: FastAPI, host: str, port: int, drain_s: float =
     return code
 
 
-def main(argv=None):
-    from nanochat_jax import safety as safety_mod, serving_mesh
+def engine_from_args(ap: argparse.ArgumentParser, args, slots: int | None = None) -> Engine:
+    """The Engine the server's and the CLI's flags ask for; a bad --mesh exits 2 before anything
+    loads, a checkpoint that cannot be loaded exits 1 with one line (not a traceback)."""
+    from nanochat_jax import serving_mesh
     from nanochat_jax.checkpoint import load_engine
+
+    mesh = None
+    if args.mesh:
+        try:
+            mesh = serving_mesh.serving_mesh(args.mesh)
+            if slots is not None:
+                serving_mesh.check_slots(mesh, slots)
+        except ValueError as e:
+            ap.exit(2, f"error: --mesh: {e}\n")
+    try:
+        return load_engine(args.checkpoint, args.nanochat, args.tokenizer_dir, args.dtype, mesh=mesh,
+                           quantize=args.quantize)
+    except Exception as e:  # noqa: BLE001
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        ap.exit(1, f"error: could not load the model: {msg}\n")
+
+
+def main(argv=None):
+    from nanochat_jax import safety as safety_mod
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="Orbax checkpoint dir (or nanochat .pt dir with --nanochat)")
@@ -720,19 +741,7 @@ def main(argv=None):
         policy = safety_mod.load_policy(args.safety, args.safety_classifier)
     except safety_mod.PolicyError as e:
         ap.exit(2, f"error: {e}\n")
-    mesh = None
-    if args.mesh:
-        try:
-            mesh = serving_mesh.serving_mesh(args.mesh)
-            serving_mesh.check_slots(mesh, args.slots)
-        except ValueError as e:
-            ap.exit(2, f"error: --mesh: {e}\n")
-    try:
-        engine = load_engine(args.checkpoint, args.nanochat, args.tokenizer_dir, args.dtype, mesh=mesh,
-                             quantize=args.quantize)
-    except Exception as e:  # noqa: BLE001  (a missing or corrupt checkpoint: one line, not a traceback)
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        ap.exit(1, f"error: could not load the model: {msg}\n")
+    engine = engine_from_args(ap, args, slots=args.slots)
     sched = Scheduler(engine, slots=args.slots, max_queue=args.max_queue, steps_per_call=args.steps_per_call,
                       prefix_cache_bytes=args.prefix_cache_mb << 20)
     app = create_app(sched, args.model_name, args.api_key, safety=policy, truncate=args.truncate)

@@ -18,9 +18,7 @@ import signal
 import sys
 import threading
 
-from nanochat_jax.checkpoint import load_engine
-from nanochat_jax.serving_mesh import serving_mesh
-from serve.app import truncate_messages
+from serve.app import engine_from_args, truncate_messages
 
 
 class _StopOnInterrupt:
@@ -104,16 +102,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.max_tokens < 1 or args.temperature < 0 or args.top_k < 0:
         ap.error("--max-tokens must be >= 1, --temperature and --top-k >= 0")
-    try:
-        mesh = serving_mesh(args.mesh) if args.mesh else None
-    except ValueError as e:
-        ap.exit(2, f"error: --mesh: {e}\n")
-    try:
-        engine = load_engine(args.checkpoint, args.nanochat, args.tokenizer_dir, args.dtype, mesh=mesh,
-                             quantize=args.quantize)
-    except Exception as e:  # noqa: BLE001  (a missing or corrupt checkpoint: one line, not a traceback)
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        ap.exit(1, f"error: could not load the model: {msg}\n")
+    engine = engine_from_args(ap, args)
     base = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(base)
     kw = dict(temperature=args.temperature, top_k=args.top_k or None, max_tokens=args.max_tokens)

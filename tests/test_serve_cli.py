@@ -17,7 +17,7 @@ def test_answer_streams_until_assistant_end():
 
 def test_one_shot_and_interactive(monkeypatch, capsys):
     eng = chain_engine("hi!")
-    monkeypatch.setattr(cli, "load_engine", lambda *a, **k: eng)
+    monkeypatch.setattr("nanochat_jax.checkpoint.load_engine", lambda *a, **k: eng)
     cli.main(["--checkpoint", "x", "--tokenizer-dir", "y", "-p", "hello", "--temperature", "0"])
     assert capsys.readouterr().out == "hi!\n"
 
@@ -37,7 +37,7 @@ def test_context_is_enforced_like_the_server(monkeypatch, capsys):
     """A message too long for the 128-token context is refused and not kept; a conversation
     that outgrows it loses its oldest turns with a note, and every prompt sent fits."""
     eng = chain_engine("ok")
-    monkeypatch.setattr(cli, "load_engine", lambda *a, **k: eng)
+    monkeypatch.setattr("nanochat_jax.checkpoint.load_engine", lambda *a, **k: eng)
     lines = iter(["x" * 300, "first question here, of some length", "second question, also long-ish",
                   "third question, which overflows", "/exit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
@@ -63,7 +63,7 @@ import fcntl, sys, termios, time
 fcntl.ioctl(0, termios.TIOCSCTTY, 0)  # the pty becomes the controlling terminal: ^C is SIGINT
 sys.path.insert(0, "tests")
 import serve.cli as cli
-from nanochat_jax import engine as E
+from nanochat_jax import checkpoint, engine as E
 from test_serve import chain_engine
 real = E.generate_step
 def slow(*a, **k):
@@ -71,7 +71,7 @@ def slow(*a, **k):
     return real(*a, **k)
 E.generate_step = slow
 eng = chain_engine("ab", loop=True)
-cli.load_engine = lambda *a, **k: eng
+checkpoint.load_engine = lambda *a, **k: eng
 orig = cli.answer
 def answer(e, conv, **kw):
     print("[turns: " + ",".join(m["role"] for m in conv["messages"]) + "]", flush=True)
