@@ -10,6 +10,7 @@ shardings (the state is donated), so nothing gathers onto one device per step.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -68,5 +69,11 @@ def check_slots(mesh: Mesh, slots: int) -> None:
 def init_state(mesh: Mesh, config: GPTConfig, slots: int, max_len: int, stop_ids, dtype=None) -> DecodeState:
     """engine.init_state made in place on the mesh: no device ever holds the whole cache."""
     check_slots(mesh, slots)
-    make = lambda: E.init_state(config, slots, max_len, tuple(stop_ids), dtype)  # noqa: E731
-    return jax.jit(make, out_shardings=state_shardings(jax.eval_shape(make), mesh))()
+    return _state_maker(mesh, config, slots, max_len, tuple(stop_ids), dtype)()
+
+
+@functools.lru_cache(maxsize=16)
+def _state_maker(mesh: Mesh, config: GPTConfig, slots: int, max_len: int, stop_ids: tuple, dtype):
+    """One jitted maker per layout: Engine builds a Scheduler per call, which must not re-trace."""
+    make = lambda: E.init_state(config, slots, max_len, stop_ids, dtype)  # noqa: E731
+    return jax.jit(make, out_shardings=state_shardings(jax.eval_shape(make), mesh))

@@ -63,6 +63,7 @@ def test_slug_follows_github():
 def test_no_references_to_documents_outside_the_repository():
     """Comments say their reason in place or point into docs/; a reader of this repository has no
     other design documents, so citations of them (or paths out of the checkout) are dead ends."""
+    # The forms such citations took (outside documents, paths out of the checkout); this file alone may name them.
     cited = re.compile(r"spec §|jax-anchors|\.\./shared/|/work/shared")
     bad = [f"{path.relative_to(ROOT)}:{n}" for path in files() if path.name != "test_docs.py"
            for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if cited.search(line)]
