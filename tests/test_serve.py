@@ -622,9 +622,12 @@ def _spawn(env):
 
 
 def test_dead_loop_gives_503_and_the_process_exits_nonzero(compile_cache):
+    """Greedy, so the scripted reply cannot end by chance before the fifth decode call fails
+    (sampled at temperature 1 it picks <|assistant_end|> about once in 270 tokens)."""
     proc, url = _spawn({"FAIL_AFTER": "5", **compile_cache})
     try:
-        r = httpx.post(f"{url}/v1/chat/completions", json={"messages": MSGS, "max_tokens": 50}, timeout=60)
+        r = httpx.post(f"{url}/v1/chat/completions", json={"messages": MSGS, "max_tokens": 50, "temperature": 0},
+                       timeout=60)
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
         assert "simulated device failure" in r.json()["error"]["message"]
         h = httpx.get(f"{url}/health", timeout=5)
