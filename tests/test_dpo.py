@@ -269,6 +269,7 @@ def common_args(d, out, *extra):
             "--chatcore-every", "-1", *extra]  # 8 (fake) devices: 8 pairs per micro-step
 
 
+@pytest.mark.slow  # runs in the 3.11 leg; the 3.12/newest-JAX leg deselects it
 def test_dpo_raises_preference_accuracy_and_writes_a_loadable_model(dpo_setup, tmp_path, capsys):
     d, tok = dpo_setup
     out = tmp_path / "run"

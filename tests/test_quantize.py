@@ -65,6 +65,7 @@ def test_int8_logits_close_to_fp32(params, qparams):
     assert float((got.argmax(-1) == ref.argmax(-1)).mean()) >= 0.9
 
 
+@pytest.mark.slow  # runs in the 3.11 leg; the 3.12/newest-JAX leg deselects it
 def test_engine_greedy_mostly_agrees(params, qparams):
     """Rule: each Engine's greedy reply is, at >= 90% of its positions, also the other model's
     greedy pick given the same prefix. Free-running replies part for good at the first near-tie

@@ -104,6 +104,7 @@ def test_weights_reproduce_upstream_objective(toy):
     assert float(m["loss"]) == pytest.approx(expected, rel=1e-4, abs=1e-6)
 
 
+@pytest.mark.slow  # runs in the 3.11 leg; the 3.12/newest-JAX leg deselects it
 def test_reward_rises_on_toy_addition(toy, tmp_path):
     tok, cfg = toy
     params = format_warmup(tok, cfg)

@@ -82,6 +82,7 @@ print("[clean exit]", flush=True)
 """
 
 
+@pytest.mark.slow  # runs in the 3.11 leg; the 3.12/newest-JAX leg deselects it
 def test_ctrl_c_stops_the_answer_and_keeps_the_conversation():
     """Under a pseudo-terminal: Ctrl-C while the answer streams stops it (no traceback), the
     partial answer stays in the conversation, the next turn works, /exit exits cleanly."""

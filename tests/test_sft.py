@@ -174,6 +174,7 @@ def sft_setup(tmp_path_factory):
     return d, tok
 
 
+@pytest.mark.slow  # runs in the 3.11 leg; the 3.12/newest-JAX leg deselects it
 def test_tiny_model_memorizes_its_conversations(sft_setup, tmp_path):
     d, tok = sft_setup
     out = tmp_path / "sft"
@@ -252,6 +253,7 @@ def _SigtermAt(step):
     return SigtermAt
 
 
+@pytest.mark.slow  # runs in the 3.11 leg; the 3.12/newest-JAX leg deselects it
 def test_resume_is_exact(sft_setup, tmp_path, monkeypatch):
     """A run stopped by SIGTERM saves a final checkpoint (step 3) and, resumed from it, logs the same losses
     at steps 3-5 as one that never stopped; the base run is only read (no writability probe there), and an
