@@ -53,36 +53,41 @@ def run(step: int, *, done: Callable[[int], bool], train: Callable[[int], dict],
     ema = LossEMA(beta=0.9, smooth=loop.get("ema_smooth", 0.0), n=loop.get("ema_n", 0))
     loop.setdefault("total_training_time", 0.0)
     timer = StepTimer()
-    while True:
-        last = done(step)
-        if stop is not None and not last and stop.requested():
-            bar.close()
-            stop_with_checkpoint(ckpt, step, save if step != on_disk else None, stop, out_dir, say, hint=hint)
-        if evaluate is not None:
-            evaluate(step, last)
-        if save is not None and (last or (save_every > 0 and step > 0 and step % save_every == 0)) and step != on_disk:
-            save(step)
-        if last:
-            break
-        t0 = time.perf_counter()
-        metrics = train(step)
-        dt = time.perf_counter() - t0
-        if step - start >= timing_skip:
-            loop["total_training_time"] += dt
-        if step > start:
-            timer.add(dt)
-        if "loss" in metrics:
-            ema.update(metrics["loss"])
-            loop["ema_smooth"], loop["ema_n"] = ema.smooth, ema.n
-        line, postfix, scalars = show(StepInfo(step, dt, ema.value, loop["total_training_time"], timer), metrics)
-        if bar.disable:
-            say(line)
-        else:
-            bar.update(1)
-            bar.set_postfix_str(postfix)
+    try:
+        while True:
+            last = done(step)
+            if stop is not None and not last and stop.requested():
+                bar.close()
+                stop_with_checkpoint(ckpt, step, save if step != on_disk else None, stop, out_dir, say, hint=hint)
+            if evaluate is not None:
+                evaluate(step, last)
+            if save is not None and (last or (save_every > 0 and step > 0 and step % save_every == 0)) and step != on_disk:
+                save(step)
+            if last:
+                break
+            t0 = time.perf_counter()
+            metrics = train(step)
+            dt = time.perf_counter() - t0
+            if step - start >= timing_skip:
+                loop["total_training_time"] += dt
+            if step > start:
+                timer.add(dt)
+            if "loss" in metrics:
+                ema.update(metrics["loss"])
+                loop["ema_smooth"], loop["ema_n"] = ema.smooth, ema.n
+            line, postfix, scalars = show(StepInfo(step, dt, ema.value, loop["total_training_time"], timer), metrics)
+            if bar.disable:
+                say(line)
+            else:
+                bar.update(1)
+                bar.set_postfix_str(postfix)
+            if logger is not None:
+                logger.log(step, **scalars)
+            step += 1
+    except BaseException:  # a failed or stopped run still flushes and closes its TensorBoard file
         if logger is not None:
-            logger.log(step, **scalars)
-        step += 1
+            logger.close()
+        raise
     bar.close()
     return step, ema.value
 

@@ -103,3 +103,23 @@ def test_a_stage_without_loss_has_no_ema():
     step, loss = L.run(0, done=lambda s: s == 2, train=lambda s: {"reward": 1.0}, show=lambda i, m: ("x", "", {}),
                        loop={}, bar=Bar(), say=lambda *a: None)
     assert step == 2 and math.isnan(loss)
+
+
+def test_a_failed_step_closes_the_logger_and_keeps_what_it_logged(tmp_path):
+    """A step that raises still leaves metrics.jsonl complete and the TensorBoard writer closed
+    (an open one would be flushed by its own exit hook, which fails at interpreter shutdown)."""
+    from nanochat_jax.report import RunLogger, read_metrics
+
+    logger = RunLogger(tmp_path)
+
+    def train(step):
+        if step == 2:
+            raise RuntimeError("device lost")
+        return {"loss": 1.0}
+
+    show = lambda info, m: ("", "", {"train/loss": m["loss"]})  # noqa: E731
+    with pytest.raises(RuntimeError, match="device lost"):
+        L.run(0, done=lambda s: s == 5, train=train, show=show, loop={}, bar=Bar(), say=lambda s: None,
+              logger=logger)
+    assert logger._file is None and logger._tb is None
+    assert [m["step"] for m in read_metrics(tmp_path / "metrics.jsonl")] == [0, 1]
