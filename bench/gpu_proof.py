@@ -116,7 +116,7 @@ def phases(smoke: bool, out: Path, cache: str, has_torch: bool, src=None):
     yield "train_jax", [py, "-m", "bench.train", "--framework", "jax", "--compile-cache", cache, *sizes["train"]], {}
     yield "compile_warm", [py, "-m", "bench.train", "--framework", "jax", "--compile-cache", cache,
                            *sizes["warm"]], {}
-    up = ["--nanochat-src", src] if src and has_torch else []
+    up = ["--nanochat-src", src] if src and has_torch else []  # upstream runs on torch
     yield "decode", [py, "-m", "bench.decode", *sizes["decode"], *([] if has_torch else ["--no-torch"]), *up], {}
     if up:
         yield "train_upstream", [py, "-m", "bench.train", "--framework", "upstream", *up, *sizes["upstream"]], {}
@@ -238,11 +238,11 @@ def main(argv=None):
     ap.add_argument("--nanochat-src", metavar="DIR",
                     help="upstream nanochat checkout (default: $NANOCHAT_SRC, else .nanochat-src/ if present)")
     args = ap.parse_args(argv)
-    src = nanochat_src(args.nanochat_src)
 
     out = args.out_dir.resolve()
     out.mkdir(parents=True, exist_ok=True)
     has_torch = importlib.util.find_spec("torch") is not None
+    src = nanochat_src(args.nanochat_src) if has_torch else None  # upstream runs on torch
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     if args.cpu_smoke:

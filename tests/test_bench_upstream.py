@@ -122,6 +122,9 @@ def test_decode_lines_carry_both_sides_and_the_ratio(decode_run):
     assert all(r["compute_dtype"] == "float32" for r in up)
     summary = rows[-1]["batch1"]
     assert summary["ours_over_upstream"] == pytest.approx(summary["ours"] / summary["upstream"])
+    # no figure written into the bench (upstream's 470 tok/s once was): the keys and text only name rows
+    keys = [k for b in ("batch1", "batch8") for k in rows[-1][b]]
+    assert not any("470" in k for k in keys + [rows[-1]["summary"]]) and not hasattr(decode, "UPSTREAM")
 
 
 def test_decode_counts_batch_8_both_ways(decode_run):
@@ -139,7 +142,6 @@ def test_decode_counts_batch_8_both_ways(decode_run):
     assert s["samples_over_upstream"] == pytest.approx(samples["tok_per_s"] / up8["tok_per_s"])
     assert s["prompts_over_upstream"] == pytest.approx(sched8["tok_per_s"] / up8["tok_per_s"])
     assert "jax-engine-samples" in rows[-1]["summary"] and "jax-scheduler" in rows[-1]["summary"]
-    assert "470" not in json.dumps(rows[-1]) and not hasattr(decode, "UPSTREAM")
 
 
 def test_decode_token_match_and_mismatch_are_reported(decode_run):
@@ -208,9 +210,9 @@ def test_prefix_puts_upstream_ttft_beside_ours(tmp_path, capsys):
     assert [r["first_token_match"] for r in up] == [True, False, True]
     side = [r for r in rows if "side_by_side" in r]
     cold = {r["turn"]: r["ttft_s"] for r in rows if r.get("mode") == "cold"}
-    reuse = {r["turn"]: r["ttft_s"] for r in rows if r.get("mode") == "reuse"}
+    reuse = {r["turn"]: r["ttft_s"] for r in rows if r.get("mode") == "reuse" and "turn" in r}
     for r, u in zip(side, up):
-        assert r["ttft_upstream_s"] == u["ttft_s"] > 0
+        assert r["ttft_upstream_s"] == u["ttft_s"] >= 0  # the fake answers in microseconds: 0.0 at 4 decimals
         assert (r["ttft_cold_s"], r["ttft_reuse_s"]) == (cold[r["side_by_side"]], reuse[r["side_by_side"]])
         # the ratio is of the unrounded upstream time: allow for the 4-decimal rounding of the printed ones
         assert r["upstream_over_reuse"] == pytest.approx(u["ttft_s"] / r["ttft_reuse_s"], rel=0.1, abs=0.02)
