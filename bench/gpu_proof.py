@@ -207,25 +207,25 @@ def run_phase(name, argv, env, timeout, log, results):
 
 def summary_lines(rows_by_phase, statuses):
     """A short human table of the figures that matter."""
-    out = [f"{'phase':<13} {'status':<16} {'wall s':>7}"]
-    out += [f"{s['phase']:<13} {s['status']:<16} {s['wall_s']:>7}" for s in statuses]
+    out = [f"{'phase':<14} {'status':<16} {'wall s':>7}"]
+    out += [f"{s['phase']:<14} {s['status']:<16} {s['wall_s']:>7}" for s in statuses]
     for phase in ("train_jax", "train_upstream", "train_torch", "compile_warm"):
         for r in rows_by_phase.get(phase, []):
             if "step_s" in r:
                 mem = f"{r['peak_bytes'] / 2**30:.1f} GiB" if r.get("peak_bytes") else "-"
                 mfu = f"{r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
-                out.append(f"{phase:<13} d{r['depth']:<3} {r['framework']:<18} {r['tok_per_s']:>10.0f} tok/s "
+                out.append(f"{phase:<14} d{r['depth']:<3} {r['framework']:<18} {r['tok_per_s']:>10.0f} tok/s "
                            f"MFU {mfu:>6} compile {r['compile_s']:6.1f} s peak {mem}")
     for r in rows_by_phase.get("decode", []):
         if "impl" in r:
-            out.append(f"decode        {r['impl']:<18} batch {r['batch']:<3} {r['tok_per_s']:>9.1f} tok/s "
+            out.append(f"decode         {r['impl']:<18} batch {r['batch']:<3} {r['tok_per_s']:>9.1f} tok/s "
                        f"TTFT {r['ttft_s'] * 1e3:7.1f} ms")
         elif "summary" in r:
             ratios = {k: round(v, 2) for b in ("batch1", "batch8") for k, v in r[b].items() if "_over_" in k and v}
-            out.append(f"decode        ours over the others: {ratios}")
+            out.append(f"decode         ours over the others: {ratios}")
     t = rows_by_phase.get("tests_counts")
     if t:
-        out.append(f"tests         {t}")
+        out.append(f"tests          {t}")
     return out
 
 
