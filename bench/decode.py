@@ -10,7 +10,9 @@ Every run decodes --new-tokens greedy tokens after a --prompt-tokens random prom
 same random weights (JAX params moved into the torch model with convert.py):
 
   jax-engine      Engine.generate, batch 1
-  jax-scheduler   N concurrent requests through the Scheduler (slots = N): aggregate
+  jax-engine-samples  Engine.generate(num_samples=8) on one prompt: one prefill, 8 slots, as
+                  upstream counts a batch (per --torch-batch above 1); tokens_match against batch 1
+  jax-scheduler   N different prompts through the Scheduler (slots = N): aggregate
   torch-naive     torch_ref.generate: the full forward recomputed per token, batch 1
   torch-kv        a KV-cached decode loop written here over torch_ref's modules, batch 1 and 8
                   (both torch rows run in a fresh subprocess, after the JAX rows)
@@ -23,7 +25,9 @@ One JSON line per measurement (best of --repeats runs after an untimed warm-up):
 tok_per_s is decode throughput as upstream's infer_bench counts it (tokens after each
 stream's first / time after the first token), ms_per_step the time per decode step after the
 first token, e2e_tok_per_s includes prefill; ttft_s is the mean time to first token, wall_s the
-whole run. The last line compares ours at batch 1 and 8 with what ran beside it in this run.
+whole run. The last line compares ours at batch 1 and 8 with what ran beside it in this run;
+at batch 8 it gives both of ours (8 samples of one prompt, upstream's counting, and 8 different
+prompts through the scheduler) and names the row behind each ratio.
 """
 
 from __future__ import annotations
@@ -91,14 +95,19 @@ def best_run(fn, repeats):
 
 # ---- ours -----------------------------------------------------------------------------------------
 
-def bench_engine(eng, prompt, new, steps):
+def bench_engine(eng, prompt, new, steps, samples=1):
+    """samples > 1: upstream's batch, num_samples of one prompt; the row's outs are every sample's tokens."""
     def run():
         t0 = time.perf_counter()
-        ttft, out = None, []
-        for col, _ in eng.generate(prompt, max_tokens=new, temperature=0.0):
+        ttft, cols = None, []
+        for col, _ in eng.generate(prompt, num_samples=samples, max_tokens=new, temperature=0.0):
             ttft = ttft or time.perf_counter() - t0
-            out.append(col[0])
-        return row("jax-engine", 1, [len(out)], time.perf_counter() - t0, [ttft], steps_per_call=steps, out=out)
+            cols.append(col)
+        wall, outs = time.perf_counter() - t0, [list(r) for r in zip(*cols)]
+        if samples == 1:
+            return row("jax-engine", 1, [len(cols)], wall, [ttft], steps_per_call=steps, out=outs[0])
+        return row("jax-engine-samples", samples, [len(cols)] * samples, wall, [ttft], steps_per_call=steps,
+                   prompts=1, outs=outs)
     return run
 
 
@@ -122,7 +131,7 @@ def bench_scheduler(sched, prompts, new, steps):
         wall = time.perf_counter() - t0
         assert not any(r.error for r in reqs), [r.error for r in reqs]
         return row("jax-scheduler", len(prompts), [r.completion_tokens for r in reqs], wall,
-                   [first[i] for i in range(len(prompts))], steps_per_call=steps)
+                   [first[i] for i in range(len(prompts))], steps_per_call=steps, prompts=len(prompts))
     return run
 
 
@@ -255,7 +264,7 @@ def bench_upstream(args, config, params, tok, prompt, new):
                threads=args.torch_threads, repeats=args.repeats, vocab_size=config.vocab_size,
                specials={s: tok.encode_special(s) for s in SPECIAL_TOKENS})
     runs = [row("upstream-engine", r["batch"], r["tokens"], r["wall"], [r["ttft"]], threads=r["threads"],
-                outs=r["outs"], compute_dtype=r["compute_dtype"])
+                prompts=1, outs=r["outs"], compute_dtype=r["compute_dtype"])
             for r in upstream.run(args.nanochat_src, params, config, job, args.dtype,
                                   "cuda" if jax.default_backend() == "gpu" else "cpu")]
     for key in sorted({(r["threads"], r["batch"]) for r in runs}):
@@ -296,7 +305,7 @@ def main(argv=None):
     rows = []
 
     def emit(r, keep_out=False):
-        r = {**base, **{k: v for k, v in r.items() if k != "out" or keep_out}}
+        r = {**base, **{k: v for k, v in r.items() if k not in ("out", "outs") or keep_out}}
         rows.append(r)
         print(json.dumps(r), flush=True)
 
@@ -311,6 +320,11 @@ def main(argv=None):
         run = bench_engine(eng, prompts[0], new, steps)
         engine_out = run()["out"]  # warm-up (compiles)
         emit(best_run(run, args.repeats))
+        for b in sorted({b for b in args.torch_batch if b > 1}):
+            run = bench_engine(eng, prompts[0], new, steps, samples=b)
+            run()
+            r = best_run(run, args.repeats)
+            emit({**r, "tokens_match": all(o == engine_out for o in r["outs"])})
         for n in args.streams:
             sched = Scheduler(eng, slots=n, max_queue=n, steps_per_call=steps)
             try:
@@ -342,13 +356,19 @@ def main(argv=None):
     def best(impls, batch):
         got = [r["tok_per_s"] for r in rows if r.get("impl") in impls and r["batch"] == batch]
         return max(got) if got else None
-    summary = {"summary": "decode tok/s: ours (best of engine and scheduler) vs the others measured in this run"}
-    for batch in (1, 8):
-        s = summary[f"batch{batch}"] = {"ours": best({"jax-engine", "jax-scheduler"}, batch)}
-        for name, impl in (("torch_kv", "torch-kv"), ("upstream", "upstream-engine")):
-            other = best({impl}, batch)
-            if other:
-                s[name], s[f"ours_over_{name}"] = other, s["ours"] / other if s["ours"] else None
+    def ratio(a, b):
+        return a / b if a and b else None
+    summary = {"summary": "decode tok/s, best row of each kind in this run; batch 8 counted two ways: "
+                          "samples = num_samples 8 of one prompt (upstream's counting, jax-engine-samples vs "
+                          "upstream-engine), prompts = 8 different prompts (jax-scheduler vs torch-kv)"}
+    ours1, up1, kv1 = best({"jax-engine", "jax-scheduler"}, 1), best({"upstream-engine"}, 1), best({"torch-kv"}, 1)
+    summary["batch1"] = {"ours": ours1, "upstream": up1, "ours_over_upstream": ratio(ours1, up1),
+                         "torch_kv": kv1, "ours_over_torch_kv": ratio(ours1, kv1)}
+    samples, sched, up8, kv8 = (best({impl}, 8) for impl in ("jax-engine-samples", "jax-scheduler",
+                                                               "upstream-engine", "torch-kv"))
+    summary["batch8"] = {"ours_samples": samples, "ours_prompts": sched, "upstream_samples": up8, "torch_kv_prompts": kv8,
+                         "samples_over_upstream": ratio(samples, up8), "prompts_over_upstream": ratio(sched, up8),
+                         "prompts_over_torch_kv": ratio(sched, kv8)}
     print(json.dumps(summary), flush=True)
 
 

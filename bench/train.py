@@ -9,9 +9,10 @@ nanochat's own step (its torch.compile'd GPT + its MuonAdamW) on the same weight
 
 JSON lines: step time, tok/s, MFU (where the device's peak is known), first-step (compile)
 time, peak device memory, and the speed-up of JAX over the torch loop (and over upstream's step,
-run in a subprocess on our initial weights exported in its checkpoint layout). `--framework jax` or
-`torch` runs one side only (the GPU proof kit runs each in its own process, so neither
-framework's allocator holds memory the other needs); `--compile-cache DIR` turns on JAX's
+run in a subprocess on our initial weights exported in its checkpoint layout). `--framework jax`,
+`torch` or `upstream` runs one side only (the GPU proof kit runs each in its own process, so neither
+framework's allocator holds memory the other needs, and a slow compile of one cannot eat the
+others' time; `--torch-eager` also runs upstream's step uncompiled); `--compile-cache DIR` turns on JAX's
 persistent compilation cache, so a second run shows the warm compile time.
 """
 
@@ -27,7 +28,7 @@ import numpy as np
 
 from bench import upstream
 from bench.forward import timed
-from nanochat_jax import flops, optim, sharding
+from nanochat_jax import flops, model, optim, sharding
 from nanochat_jax.common import mfu, peak_flops, tune_malloc
 from nanochat_jax.config import config_for_depth
 from nanochat_jax.convert import params_from_state_dict
@@ -57,9 +58,10 @@ def main(argv=None):
     ap.add_argument("--vocab-size", type=int, default=32768)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--mesh", default="data=-1")
-    ap.add_argument("--framework", default="both", choices=["both", "jax", "torch"])
+    ap.add_argument("--framework", default="both", choices=["both", "jax", "torch", "upstream"],
+                    help="both: jax and the torch reference (and upstream's step, given --nanochat-src)")
     ap.add_argument("--no-torch", action="store_true", help="same as --framework jax")
-    ap.add_argument("--torch-eager", action="store_true", help="the torch loop without torch.compile")
+    ap.add_argument("--torch-eager", action="store_true", help="the torch loop (and upstream's) without torch.compile")
     ap.add_argument("--compile-cache", metavar="DIR", help="JAX persistent compilation cache directory")
     ap.add_argument("--nanochat-src", metavar="DIR", help="a checkout of upstream nanochat: adds its step's row")
     ap.add_argument("--warmup", type=int, default=2)
@@ -70,6 +72,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.no_torch:
         args.framework = "jax"
+    if args.framework == "upstream" and not args.nanochat_src:
+        ap.error("--framework upstream needs --nanochat-src DIR")
     if args.nanochat_src:
         upstream.check_src(args.nanochat_src)
     tuned = False if args.no_malloc_tuning else tune_malloc()
@@ -79,7 +83,7 @@ def main(argv=None):
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
     torch = None
-    if args.framework != "jax":
+    if args.framework in ("both", "torch"):
         import torch
 
         from nanochat_jax.torch_ref import GPT as TorchGPT
@@ -126,12 +130,15 @@ def main(argv=None):
             del state, step
         if args.nanochat_src:
             job = dict(mode="train", x=x[0].tolist(), y=y[0].tolist(), warmup=args.warmup, iters=args.iters,
-                       weight_decay=0.1, vocab_size=config.vocab_size)
-            init = init if init is not None else params_from_state_dict(ref.state_dict(), config)
+                       weight_decay=0.1, vocab_size=config.vocab_size, compile=not args.torch_eager)
+            if init is None:  # no JAX step ran in this process: torch's init, else ours (key 0, as init_train_state)
+                init = (params_from_state_dict(ref.state_dict(), config) if ref is not None
+                        else jax.device_get(model.init_params(config, jax.random.key(0), args.dtype)))
             u = upstream.run(args.nanochat_src, init, config, job, args.dtype,
                              "cuda" if jax.default_backend() == "gpu" else "cpu")[0]
             up_s = statistics.median(u["step_times"])
-            print(json.dumps(dict(base, framework="upstream+compile", step_s=up_s, tok_per_s=n_tok / up_s,
+            print(json.dumps(dict(base, framework="upstream" + ("" if args.torch_eager else "+compile"),
+                                  step_s=up_s, tok_per_s=n_tok / up_s,
                                   compile_s=u["compile_s"], first_loss=u["first_loss"],
                                   compute_dtype=u["compute_dtype"], mfu=mfu(fpt, n_tok, up_s, 1, peak))), flush=True)
             if jax_s is not None:

@@ -1,4 +1,5 @@
-"""Upstream nanochat's own Engine and training step, timed on our weights, for bench.decode and bench.train.
+"""Upstream nanochat's own Engine and training step, timed on our weights, for the benches
+(decode, prefix, quant, train).
 
     git clone https://github.com/karpathy/nanochat /path/to/nanochat
     python -m bench.decode --nanochat-src /path/to/nanochat
@@ -106,13 +107,36 @@ def decode(job):
                                outs=[list(r) for r in zip(*cols)])
 
 
+def ttft(job):
+    """Time to first token of each prompt (a conversation's turns): upstream's Engine has no prefix
+    reuse, so each is a prefill of the whole prompt plus one sampled token. Best of repeats per prompt."""
+    import torch
+    from nanochat.engine import Engine
+
+    model, tok = load(job, "eval")
+    eng = Engine(model, tok)
+    sync = torch.cuda.synchronize if job["device"] == "cuda" else (lambda: None)
+    for threads in job["threads"]:
+        torch.set_num_threads(threads)
+        for turn, prompt in enumerate(job["prompts"], start=1):
+            times = []
+            for _ in range(job["repeats"] + 1):  # the first is a warm-up
+                t0 = time.perf_counter()
+                gen = eng.generate(prompt, num_samples=1, max_tokens=1, temperature=0.0)
+                col, _ = next(gen)  # at the first token, as our TTFT: not the decode step that follows
+                sync()
+                times.append(time.perf_counter() - t0)
+                gen.close()
+            yield dict(turn=turn, threads=threads, prompt_tokens=len(prompt), ttft=min(times[1:]), first_token=col[0])
+
+
 def train(job):
     """upstream's base_train step: torch.compile'd GPT forward/backward, MuonAdamW, zero_grad."""
     import torch
 
     model, _ = load(job, "train")
     opt = model.setup_optimizer(weight_decay=job["weight_decay"])
-    fwd = torch.compile(model, dynamic=False)
+    fwd = torch.compile(model, dynamic=False) if job.get("compile", True) else model
     x, y = (torch.tensor(a, dtype=torch.long, device=job["device"]) for a in (job["x"], job["y"]))
     sync = torch.cuda.synchronize if job["device"] == "cuda" else (lambda: None)
     times, losses = [], []
@@ -132,7 +156,7 @@ def main():
     job = json.load(sys.stdin)
     from nanochat.common import COMPUTE_DTYPE  # follows NANOCHAT_DTYPE, set by the parent
 
-    for r in {"decode": decode, "train": train}[job["mode"]](job):
+    for r in {"decode": decode, "ttft": ttft, "train": train}[job["mode"]](job):
         print(json.dumps({**r, "compute_dtype": str(COMPUTE_DTYPE).removeprefix("torch.")}), flush=True)
 
 

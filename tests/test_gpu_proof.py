@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench import gpu_proof
+from test_bench_upstream import fake_checkout
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,16 +21,23 @@ def read_results(out):
 
 @pytest.mark.slow
 def test_cpu_smoke_runs_every_phase_end_to_end(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "NANOCHAT_GPU_TESTS_ON_CPU")}
-    r = subprocess.run(["bash", "bench/gpu_proof.sh", str(tmp_path), "--cpu-smoke", "--budget-s", "1500"],
+    """With an upstream checkout (a fake one: upstream's own code is tested in test_bench_upstream.py)
+    passed through to the decode phase and its own training phase."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "NANOCHAT_GPU_TESTS_ON_CPU", "NANOCHAT_SRC")}
+    src = fake_checkout(tmp_path / "nanochat", {"1": [0] * 8, "2": [0] * 8})
+    out = tmp_path / "out"
+    r = subprocess.run(["bash", "bench/gpu_proof.sh", str(out), "--cpu-smoke", "--budget-s", "1500",
+                        "--nanochat-src", str(src)],
                        cwd=ROOT, env={**env, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    rows = read_results(tmp_path)
+    rows = read_results(out)
     status = {x["phase"]: x for x in rows if x.get("kit") == "status"}
     has_torch = importlib.util.find_spec("torch") is not None
-    want = ["env", "tests", "train_jax", "compile_warm", "decode"] + (["train_torch"] if has_torch else [])
+    want = ["env", "tests", "train_jax", "compile_warm", "decode"] + (["train_upstream", "train_torch"] if has_torch
+                                                                      else [])
     assert list(status) == want and all(status[p]["status"] == "ok" for p in want), status
     assert all(x["smoke"] for x in status.values())
+    assert all(x["nanochat_src"] == str(src.resolve()) for x in status.values())
 
     env_row = next(x for x in rows if x["phase"] == "env" and "backend" in x)
     assert env_row["backend"] == "cpu" and env_row["python"] == ".".join(map(str, sys.version_info[:3]))
@@ -43,13 +51,19 @@ def test_cpu_smoke_runs_every_phase_end_to_end(tmp_path):
     (warm,) = [x for x in rows if x["phase"] == "compile_warm" and "step_s" in x]
     assert warm["cache_files_before"] == warm["cache_files_after"] > 0  # a fresh process compiled nothing anew
     impls = {(x["impl"], x["batch"]) for x in rows if x["phase"] == "decode" and "impl" in x}
-    assert {("jax-engine", 1), ("jax-scheduler", 4)} <= impls
+    assert {("jax-engine", 1), ("jax-engine-samples", 2), ("jax-scheduler", 4)} <= impls
     if has_torch:
         (torch_row,) = [x for x in rows if x["phase"] == "train_torch" and "step_s" in x]
         assert torch_row["framework"] == "torch_ref" and torch_row["tok_per_s"] > 0
-    summary = (tmp_path / "summary.txt").read_text()
+        assert {("upstream-engine", 1), ("upstream-engine", 2)} <= impls
+        (ratios,) = [x for x in rows if x["phase"] == "decode" and "summary" in x]
+        assert ratios["batch1"]["ours_over_upstream"] > 0
+        (up_row,) = [x for x in rows if x["phase"] == "train_upstream" and "step_s" in x]
+        assert up_row["framework"] == "upstream" and up_row["depth"] == 2 and up_row["tok_per_s"] > 0
+    summary = (out / "summary.txt").read_text()
     assert "train_jax" in summary and "jax-scheduler" in summary
-    assert (tmp_path / "gpu_tests.xml").is_file() and "===== decode" in (tmp_path / "log.txt").read_text()
+    assert not has_torch or ("upstream-engine" in summary and "train_upstream" in summary)
+    assert (out / "gpu_tests.xml").is_file() and "===== decode" in (out / "log.txt").read_text()
 
 
 def test_a_phase_past_its_cap_is_killed_and_recorded(tmp_path):
@@ -63,6 +77,30 @@ def test_a_phase_past_its_cap_is_killed_and_recorded(tmp_path):
         status, _ = gpu_proof.run_phase("fails", [sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ),
                                         30.0, log, res)
     assert status["status"] == "failed (exit 3)"
+
+
+def test_upstream_checkout_default_and_pass_through(tmp_path, monkeypatch):
+    """--nanochat-src, else $NANOCHAT_SRC, else ./.nanochat-src; it reaches decode and its own train phase."""
+    monkeypatch.setattr(gpu_proof, "ROOT", tmp_path)
+    monkeypatch.delenv("NANOCHAT_SRC", raising=False)
+    assert gpu_proof.nanochat_src(None) is None
+    (tmp_path / ".nanochat-src").mkdir()
+    assert gpu_proof.nanochat_src(None) == str(tmp_path / ".nanochat-src")
+    monkeypatch.setenv("NANOCHAT_SRC", str(tmp_path / "env"))
+    assert gpu_proof.nanochat_src(None) == str(tmp_path / "env")
+    assert gpu_proof.nanochat_src(str(tmp_path / "flag")) == str(tmp_path / "flag")
+
+    for smoke in (True, False):
+        got = {name: argv for name, argv, _ in gpu_proof.phases(smoke, tmp_path, "c", True, "/src")}
+        assert list(got) == ["env", "tests", "train_jax", "compile_warm", "decode", "train_upstream", "train_torch"]
+        assert got["decode"][-2:] == ["--nanochat-src", "/src"]
+        assert "--nanochat-src" not in got["train_jax"] + got["compile_warm"] + got["train_torch"]
+        up = got["train_upstream"]
+        assert up[up.index("--framework") + 1] == "upstream" and up[up.index("--nanochat-src") + 1] == "/src"
+        assert ("--torch-eager" in up) == smoke and up[up.index("--depth") + 1] == ("2" if smoke else "20")
+    plain = [name for name, _, _ in gpu_proof.phases(False, tmp_path, "c", True)]
+    assert "train_upstream" not in plain
+    assert ROOT.joinpath(".gitignore").read_text().count("/.nanochat-src/") == 1  # carried, never committed
 
 
 def test_junit_counts(tmp_path):
