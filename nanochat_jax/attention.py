@@ -77,7 +77,7 @@ def cached_attention(q_BTHD, k_BKSD, v_BKSD, k_BTKD, v_BTKD, pos_BT, *, window_l
 
     The new columns are attended apart from the cache so the cache is only read before this
     step's write: reading the freshly written buffer made XLA:CPU copy the whole cache for
-    each layer (~29 cache-sized copies a step at one row). Both cache einsums batch over
+    each layer (32 cache-sized copies a step at one row, d4). Both cache einsums batch over
     contiguous (b, k) blocks: XLA:CPU runs them as small GEMMs without first transposing
     the cache, which at 32 rows cost 7x the attention itself.
     """
