@@ -70,24 +70,33 @@ def attention(q_BTHD, k_BTKD, v_BTKD, *, window_left: int, backend: str = "xla")
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
 
 
-def cached_attention(q_BTHD, k_BKSD, v_BKSD, pos_BT, *, window_left: int):
-    """Decode-time attention over a KV cache (B, kv head, S, D): the query at position p sees
-    cache entries j with p - window_left <= j <= p (the training rule), returns (B, T, H, D).
+def cached_attention(q_BTHD, k_BKSD, v_BKSD, k_BTKD, v_BTKD, pos_BT, *, window_left: int):
+    """Decode-time attention: queries at positions pos_BT = cached length + t see the row's old
+    cache (B, kv head, S, D) below its length plus the chunk's own new k/v (B, T, kv head, D),
+    under the training rule p - window_left <= j <= p. Returns (B, T, H, D).
 
-    Both einsums batch over contiguous (b, k) blocks: XLA:CPU runs them as small GEMMs
-    without first transposing the cache, which at 32 rows cost 7x the attention itself.
+    The new columns are attended apart from the cache so the cache is only read before this
+    step's write: reading the freshly written buffer made XLA:CPU copy the whole cache for
+    each layer (32 cache-sized copies a step at one row, d4). Both cache einsums batch over
+    contiguous (b, k) blocks: XLA:CPU runs them as small GEMMs without first transposing
+    the cache, which at 32 rows cost 7x the attention itself.
     """
     B, T, H, D = q_BTHD.shape
-    K, G = k_BKSD.shape[1], H // k_BKSD.shape[1]
+    K, G, S = k_BKSD.shape[1], H // k_BKSD.shape[1], k_BKSD.shape[2]
     q_BKQD = q_BTHD.reshape(B, T, K, G, D).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, D)  # Q = (g, t)
-    s_BKQS = jnp.einsum("bkqd,bksd->bkqs", q_BKQD, k_BKSD, preferred_element_type=jnp.float32) * D ** -0.5
-    j_S = jnp.arange(k_BKSD.shape[2])
+    k_BKTD, v_BKTD = k_BTKD.transpose(0, 2, 1, 3), v_BTKD.transpose(0, 2, 1, 3)
+    s_BKQS = jnp.einsum("bkqd,bksd->bkqs", q_BKQD, k_BKSD, preferred_element_type=jnp.float32)
+    s_BKQT = jnp.einsum("bkqd,bktd->bkqt", q_BKQD, k_BKTD, preferred_element_type=jnp.float32)
+    s_BKQX = jnp.concatenate([s_BKQS, s_BKQT], axis=-1) * D ** -0.5  # X = S cached + T new columns
     pos_BQ = jnp.broadcast_to(pos_BT[:, None], (B, G, T)).reshape(B, G * T)
-    ok_BQS = (j_S[None, None] <= pos_BQ[..., None]) & (j_S[None, None] >= pos_BQ[..., None] - window_left)
-    # A finite fill keeps rows with nothing to see (rows not written this step) NaN-free.
-    s_BKQS = jnp.where(ok_BQS[:, None], s_BKQS, jnp.finfo(jnp.float32).min)
-    p_BKQS = jax.nn.softmax(s_BKQS, axis=-1).astype(v_BKSD.dtype)
-    y_BKQD = jnp.einsum("bkqs,bksd->bkqd", p_BKQS, v_BKSD)
+    key_BX = jnp.concatenate([jnp.broadcast_to(jnp.arange(S), (B, S)), pos_BT], axis=1)  # each column's position
+    live_BX = jnp.concatenate([jnp.arange(S)[None] < pos_BT[:, :1], jnp.ones((B, T), bool)], axis=1)
+    ok_BQX = (live_BX[:, None] & (key_BX[:, None] <= pos_BQ[..., None])
+              & (key_BX[:, None] >= pos_BQ[..., None] - window_left))
+    s_BKQX = jnp.where(ok_BQX[:, None], s_BKQX, jnp.finfo(jnp.float32).min)
+    p_BKQX = jax.nn.softmax(s_BKQX, axis=-1).astype(v_BKSD.dtype)
+    y_BKQD = (jnp.einsum("bkqs,bksd->bkqd", p_BKQX[..., :S], v_BKSD)
+              + jnp.einsum("bkqt,bktd->bkqd", p_BKQX[..., S:], v_BKTD.astype(v_BKSD.dtype)))
     return y_BKQD.reshape(B, K, G, T, D).transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
 
 

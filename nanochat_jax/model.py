@@ -143,7 +143,8 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x_BTC, ve_BTK, cos_BTD, sin_BTD, kv=None, pos_BT=None, write_BT=None):
-        """kv: this layer's (k, v) cache; the new k/v go to write_BT (out of range: dropped), queries at pos_BT read it."""
+        """kv: this layer's (k, v) cache; queries at pos_BT read it and the new k/v, which then go to
+        write_BT (out of range: dropped)."""
         cfg = self.config
         B, T, C = x_BTC.shape
         H, Hkv, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
@@ -160,10 +161,14 @@ class Attention(nn.Module):
         if kv is None:
             y = attention(q, k, v, window_left=window, backend=self.backend)
         else:
+            y = cached_attention(q, *kv, k, v, pos_BT, window_left=window).astype(x_BTC.dtype)
             row_BT = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
+            # The write reads the attention output (a NaN row writes nothing, which never happens
+            # otherwise) so XLA orders the cache reads before the in-place write: without a data
+            # dependence it copied every layer's cache (two copies each per step).
+            write_BT = jnp.where(jnp.isnan(y[:, :, 0, 0]), kv[0].shape[2], write_BT)
             # Advanced indices around a slice: the indexed view is (B, T, Hkv, hd), k's own shape.
             kv = tuple(c.at[row_BT, :, write_BT].set(new.astype(c.dtype), mode="drop") for c, new in zip(kv, (k, v)))
-            y = cached_attention(q, *kv, pos_BT, window_left=window).astype(x_BTC.dtype)
         return Linear(C, AXES["attn/c_proj"], nn.initializers.zeros, name="c_proj")(y.reshape(B, T, H * hd)), kv
 
 

@@ -125,6 +125,23 @@ def test_cached_decode_matches_forward(config, prompts, chunk):
         lengths = lengths + n_new
 
 
+
+@pytest.mark.parametrize("slots", [1, 8])
+def test_decode_does_not_copy_the_cache(slots):
+    """generate_step and generate_steps update each layer's cache in place: the compiled step
+    holds no cache-sized copy (attention reading the freshly written cache made XLA:CPU copy
+    every layer's buffer at one row; reading the old one unordered with the write, at 8 rows)."""
+    state = engine.init_state(TINY, slots, 128, [0], F32)
+    params = model.init_params(TINY, jax.random.key(0), F32)
+    cache = f"f32[{slots},{TINY.n_kv_head},128,{TINY.head_dim}]"
+    forced_S, forced_NS = jnp.full((slots,), -1, jnp.int32), jnp.full((4, slots), -1, jnp.int32)
+    for lowered in (engine.generate_step.lower(state, params, forced_S, config=TINY, dtype=F32),
+                    engine.generate_steps.lower(state, params, forced_NS, 0, config=TINY, dtype=F32)):
+        hlo = lowered.compile().as_text()
+        copies = [line for line in hlo.splitlines()
+                  if " copy(" in line and line.split(" copy(")[0].split("= ")[-1].startswith(cache)]
+        assert not copies, copies[:2]
+
 # ---- sampling ----------------------------------------------------------------------------------
 
 def _draws(logits, temperature, top_k, top_p, n=2000):
