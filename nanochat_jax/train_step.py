@@ -85,7 +85,8 @@ def jit_train_step(config: GPTConfig, tx: optax.GradientTransformation, mesh: Me
         xs = (inputs_ABT, targets_ABT, weights_ABT if weighted else jnp.zeros(inputs_ABT.shape[0]))
         if inputs_ABT.shape[0] == 1:  # no accumulator to zero and add into: one pass over the grads fewer
             loss, grads = grad_fn(state.params, *(a[0] for a in xs))
-            grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+            grads = jax.lax.with_sharding_constraint(jax.tree.map(lambda g: g.astype(jnp.float32), grads),
+                                                     state_sh.params)
         else:
             zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
             zeros = jax.lax.with_sharding_constraint(zeros, state_sh.params)
