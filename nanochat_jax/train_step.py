@@ -82,10 +82,15 @@ def jit_train_step(config: GPTConfig, tx: optax.GradientTransformation, mesh: Me
             grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
             return (grads_acc, loss_acc + loss), None
 
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-        zeros = jax.lax.with_sharding_constraint(zeros, state_sh.params)
         xs = (inputs_ABT, targets_ABT, weights_ABT if weighted else jnp.zeros(inputs_ABT.shape[0]))
-        (grads, loss), _ = jax.lax.scan(micro, (zeros, jnp.zeros([], jnp.float32)), xs)
+        if inputs_ABT.shape[0] == 1:  # no accumulator to zero and add into: one pass over the grads fewer
+            loss, grads = grad_fn(state.params, *(a[0] for a in xs))
+            grads = jax.lax.with_sharding_constraint(jax.tree.map(lambda g: g.astype(jnp.float32), grads),
+                                                     state_sh.params)
+        else:
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+            zeros = jax.lax.with_sharding_constraint(zeros, state_sh.params)
+            (grads, loss), _ = jax.lax.scan(micro, (zeros, jnp.zeros([], jnp.float32)), xs)
         n = 1 if weighted else inputs_ABT.shape[0]
         grads = jax.tree.map(lambda g: g / n, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
