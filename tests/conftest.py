@@ -13,6 +13,20 @@ settings.register_profile("nanochat", deadline=None, print_blob=True, derandomiz
 settings.load_profile("nanochat")
 
 
+@pytest.fixture(autouse=True)
+def no_leaked_compile_cache():
+    """A training CLI run in-process turns JAX's persistent compilation cache on for the rest of
+    the process (loop.start_run); turn it back off after the test, so later tests neither read
+    nor write it (XLA:CPU once crashed serializing an unrelated test's executable into it)."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    before = jax.config.jax_compilation_cache_dir
+    yield
+    if jax.config.jax_compilation_cache_dir != before:
+        jax.config.update("jax_compilation_cache_dir", before)
+        compilation_cache.reset_cache()
+
+
 def pytest_collection_modifyitems(config, items):
     """GPU/TPU-marked tests skip cleanly where that accelerator is absent. NANOCHAT_GPU_TESTS_ON_CPU=1
     (the GPU proof kit's --cpu-smoke) runs the GPU-marked tests on CPU; those that need CUDA itself
