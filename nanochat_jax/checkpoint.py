@@ -663,10 +663,8 @@ def load_engine(checkpoint: str, nanochat: bool, tokenizer_dir: str, dtype=None,
                 mesh=None, quantize: str | None = None):
     """An Engine over params from a nanochat .pt directory, or from our Orbax checkpoint / run dir
     (latest or given step); mesh (serving_mesh.serving_mesh) splits it over devices; quantize="int8":
-    weight-only int8 matmul kernels (nanochat_jax/quantize.py). The mesh places weights by their
-    declared axes, which quantized kernels do not have yet, so the two are not combined."""
-    if mesh is not None and quantize is not None:
-        raise ValueError("quantize and a serving mesh cannot be combined yet: use one or the other")
+    weight-only int8 matmul kernels (nanochat_jax/quantize.py), quantized before the
+    mesh splits them."""
     from nanochat_jax.scheduler import Engine
     from nanochat_jax.tokenizer import Tokenizer
 

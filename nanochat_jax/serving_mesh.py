@@ -45,9 +45,29 @@ def serving_mesh(spec: str, devices=None) -> Mesh:
 
 
 def place_params(params, config: GPTConfig, mesh: Mesh):
-    """Weights split by their logical axes (replicated over data), straight from the host."""
+    """Weights split by their logical axes (replicated over data), straight from the host.
+
+    A quantized kernel (nanochat_jax/quantize.py) is split like the kernel it replaces: its int8
+    values by the kernel's axes, its per-output-channel scales (one row) along the same columns,
+    so each device dequantizes only its own slice."""
     sharding.validate(config, mesh)
-    return jax.device_put(params, sharding.param_shardings(model.param_axes(config), mesh))
+    return jax.device_put(params, param_shardings(params, config, mesh))
+
+
+def param_shardings(params, config: GPTConfig, mesh: Mesh):
+    """place_params' shardings, one per leaf of params (quantized kernels included)."""
+    def leaf(spec, p):
+        s = NamedSharding(mesh, sharding.logical_to_mesh(spec))
+        if not jax.tree_util.treedef_is_leaf(jax.tree.structure(p)):  # a QArray: values and scales
+            return jax.tree.map(lambda a: NamedSharding(mesh, _unsplit_ones(s.spec, a.shape)), p)
+        return s
+
+    return jax.tree.map(leaf, model.param_axes(config), params, is_leaf=lambda x: isinstance(x, P))
+
+
+def _unsplit_ones(spec: P, shape) -> P:
+    """spec with every size-1 dimension unsplit (a scale row beside the kernel it scales)."""
+    return P(*(None if n == 1 else ax for n, ax in zip(shape, tuple(spec) + (None,) * len(shape))))
 
 
 def state_shardings(state: DecodeState, mesh: Mesh) -> DecodeState:

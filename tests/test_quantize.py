@@ -124,10 +124,3 @@ def test_unknown_mode_is_a_clear_error(monkeypatch, params, capsys):
     code, _ = _main(monkeypatch, params, "--quantize", "int4")
     assert code == 1
     assert "quantize must be one of int8 (or off), got 'int4'" in capsys.readouterr().err
-
-
-def test_quantize_with_a_serving_mesh_is_refused_before_loading(tmp_path):
-    from nanochat_jax.checkpoint import load_engine
-    from nanochat_jax.serving_mesh import serving_mesh
-    with pytest.raises(ValueError, match="cannot be combined"):  # tmp_path holds no checkpoint: nothing was read
-        load_engine(str(tmp_path), False, str(tmp_path), mesh=serving_mesh("data=1"), quantize="int8")

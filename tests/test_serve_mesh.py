@@ -136,3 +136,31 @@ def test_prefix_reuse_on_a_mesh_matches_one_device():
                            1 << 26)
     assert got == want
     assert store.stats()["hits"] == 1
+
+
+@pytest.mark.parametrize("spec", ["model=2", "data=2,model=2"])
+def test_int8_on_a_mesh_matches_int8_on_one_device(spec, monkeypatch):
+    """`--quantize int8 --mesh ...` through load_engine: the int8 values split like the kernel they
+    replace, their per-column scales split along the same columns, and the tokens are one device's."""
+    quantize = pytest.importorskip("nanochat_jax.quantize")
+    from nanochat_jax import checkpoint
+    from nanochat_jax.tokenizer import Tokenizer
+
+    want = run(Engine(quantize.quantize_params(PARAMS, "int8"), CFG, TOK, dtype=F32))[0]
+    monkeypatch.setattr(checkpoint, "load_params", lambda *a: (PARAMS, CFG, {}))
+    monkeypatch.setattr(Tokenizer, "load", lambda *a: TOK)
+    mesh = serving_mesh.serving_mesh(spec)
+    eng = checkpoint.load_engine("x", False, "y", dtype=F32, mesh=mesh, quantize="int8")
+    got = run(eng, steps_per_call=2)[0]
+    assert got == want
+
+    def split(a, spec):
+        return a.sharding.is_equivalent_to(NamedSharding(mesh, spec), a.ndim)
+
+    q, proj = eng.params["h_0"]["attn"]["c_q"]["kernel"], eng.params["h_0"]["attn"]["c_proj"]["kernel"]
+    assert q.qvalue.dtype == jnp.int8 and q.scale.shape == (1, 64)
+    assert split(q.qvalue, P(None, "model")) and split(q.scale, P(None, "model"))  # heads' columns, with their scales
+    assert split(proj.qvalue, P("model", None)) and split(proj.scale, P())  # rows split, one full scale row
+    assert q.qvalue.addressable_shards[0].data.shape == (64, 32)
+    head = eng.params["lm_head"]["kernel"]
+    assert split(head.qvalue, P(None, "model")) and split(head.scale, P(None, "model"))  # vocab columns
