@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up .venv (if needed) and run the whole test suite on CPU.
+# Set up .venv (if needed) and run the whole test suite on CPU, one pytest worker per core (runs/test_workers.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash runs/setup.sh
@@ -17,4 +17,4 @@ if ! command -v bwrap >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/d
   { bwrap_install || { apt-get update -qq && bwrap_install; }; } >/tmp/nanochat-bwrap-apt.log 2>&1 \
     || echo "bubblewrap install failed (/tmp/nanochat-bwrap-apt.log); the sandbox tests will skip" >&2
 fi
-exec .venv/bin/python -m pytest tests -q "$@"
+exec .venv/bin/python -m pytest tests -q $(bash runs/test_workers.sh) "$@"

@@ -22,4 +22,4 @@ fi
 echo "3.12 / newest-JAX leg with $PY" >&2
 PYTHON=$PY NANOCHAT_VENV=.venv312 bash runs/setup.sh
 .venv312/bin/python -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__)'
-exec .venv312/bin/python -m pytest tests -q -m "not slow" "$@"
+exec .venv312/bin/python -m pytest tests -q -m "not slow" $(bash runs/test_workers.sh) "$@"

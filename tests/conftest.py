@@ -1,8 +1,12 @@
-"""Every test sees 8 fake CPU devices (set before JAX initializes) and the default (platform) compute dtype; NANOCHAT_DTYPE is cleared."""
+"""Every test sees 8 fake CPU devices (set before JAX initializes) and the default (platform) compute dtype;
+NANOCHAT_DTYPE is cleared. XLA compiles without LLVM's optimizations (xla_flags.py: compiling is
+most of the suite's time)."""
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from xla_flags import TEST_XLA_FLAGS
+
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {TEST_XLA_FLAGS}")
 os.environ.pop("NANOCHAT_DTYPE", None)
 
 import jax  # noqa: E402

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import communicate_all, torch
+from xla_flags import cpu_devices_flags
 
 from nanochat_jax.checkpoint import Checkpointer
 from nanochat_jax.common import run_cli
@@ -93,7 +94,7 @@ def _run_cli(args, env=None, **kw):
 def test_resume_after_sigkill_is_bit_exact(data, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     common = ["--num-iterations", "20", "--eval-every", "-1", "--mesh", "data=2"]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = {**os.environ, "XLA_FLAGS": cpu_devices_flags(2)}
     ra = _run_cli(argv(data, a, *common), env=env)
     rb = _run_cli(argv(data, b, *common, "--save-every", "10"), env=env)
     marker = b / "checkpoints" / "10" / "commit_success.txt"
@@ -140,7 +141,7 @@ def test_two_processes_save_one_checkpoint_and_resume(data, tmp_path):
 
     def launch(*extra):
         port = portpicker.pick_unused_port()
-        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+        env = {**os.environ, "XLA_FLAGS": cpu_devices_flags(2), "JAX_PLATFORMS": "cpu"}
         procs = [_run_cli(argv(data, out, *common, *extra, "--coordinator", f"127.0.0.1:{port}",
                                "--num-processes", "2", "--process-id", str(i)), env=env) for i in range(2)]
         logs = [out for out, _ in communicate_all(procs, timeout=240)]

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import communicate_all
+from xla_flags import cpu_devices_flags
 
 from nanochat_jax import checkpoint as C
 from nanochat_jax import optim, sharding, train_step
@@ -197,7 +198,7 @@ def test_two_processes_each_resume_their_own_stream(shards, tmp_path):
     script.write_text(_TWO_PROCESS_WORKER.format(root=ROOT, tests=os.path.join(ROOT, "tests"),
                                                  port=portpicker.pick_unused_port(), shards=str(shards),
                                                  ckpt=str(tmp_path / "ckpt")))
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": cpu_devices_flags(2), "JAX_PLATFORMS": "cpu"}
     procs = [subprocess.Popen([sys.executable, str(script), str(r)], env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in range(2)]
     outs = communicate_all(procs, timeout=120)

@@ -18,6 +18,7 @@ from fault_server import FaultServer
 from helpers import communicate_all
 from test_base_train import argv as train_argv
 from test_base_train import data  # noqa: F401  (module fixture: parquet shards + a 320-token tokenizer)
+from xla_flags import cpu_devices_flags
 
 from nanochat_jax.download import DownloadError
 from nanochat_jax.evals import core, core_tasks
@@ -652,7 +653,7 @@ def test_two_processes_stride_and_sum(tmp_path):
     bundle = write_bundle(tmp_path / "bundle")
     port = portpicker.pick_unused_port()
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "XLA_FLAGS": cpu_devices_flags(2), "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": str(root)}
     procs = [subprocess.Popen([sys.executable, str(script), f"127.0.0.1:{port}", str(i), str(bundle)], cwd=root,
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]

@@ -18,6 +18,7 @@ import numpy as np
 import optax
 import pytest
 from hypothesis import given, settings, strategies as st
+from xla_flags import cpu_devices_flags
 
 from nanochat_jax import dpo, model, optim, sharding
 from nanochat_jax.checkpoint import COMMIT_MARKER, Checkpointer, load_params
@@ -306,7 +307,7 @@ def test_exact_resume_after_sigkill(dpo_setup, tmp_path):
     d, _ = dpo_setup
     args = common_args(d, tmp_path / "killed", "--val-mixture", "none", "--sft-val-mixture", "none",
                        "--epochs", "2", "--warmdown-ratio", "0")  # flat LR: the step count does not change the path
-    env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": cpu_devices_flags(8)}
     proc = subprocess.Popen([sys.executable, "-m", "train.dpo", *args, "--num-iterations", "100000", "--save-every", "2"],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpts = tmp_path / "killed" / "checkpoints"

@@ -11,6 +11,7 @@ import numpy as np
 import portpicker
 import pytest
 from jax.sharding import PartitionSpec as P
+from xla_flags import cpu_devices_flags
 
 from nanochat_jax import model, optim, sharding
 from nanochat_jax.config import GPTConfig
@@ -185,7 +186,7 @@ def test_two_processes_match_one_process(single_device):
     procs = []
     try:
         for rank in range(2):
-            env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+            env = {**os.environ, "XLA_FLAGS": cpu_devices_flags(2), "JAX_PLATFORMS": "cpu",
                    "COORDINATOR": f"127.0.0.1:{port}", "NUM_NODES": "2", "NODE_RANK": str(rank),
                    "MESH": "data=2,model=2", "CHECK_ARGS": check, "SKIP_SETUP": "1", "PYTHON": sys.executable}
             procs.append(subprocess.Popen(["bash", "runs/gpu_multinode.sh"], cwd=root, env=env,
