@@ -245,9 +245,10 @@ def main(argv=None):
     src = nanochat_src(args.nanochat_src) if has_torch else None  # upstream runs on torch
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    if args.cpu_smoke:
+    if args.cpu_smoke:  # one CPU device, like the host's one GPU: a fake-device count goes, other XLA flags stay
         env["JAX_PLATFORMS"] = "cpu"
-        env.pop("XLA_FLAGS", None)
+        env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                    if not f.startswith("--xla_force_host_platform_device_count"))
     deadline = time.perf_counter() + args.budget_s
     statuses, rows_by_phase = [], {}
     with tempfile.TemporaryDirectory(prefix="nanochat-jax-cache-") as cache, \

@@ -113,6 +113,7 @@ def decode_run(tmp_path_factory):
     return lines(out.getvalue()), err.getvalue()
 
 
+@pytest.mark.slow  # the 3.12 leg deselects it: bench plumbing, ~40 s of decode_run
 def test_decode_lines_carry_both_sides_and_the_ratio(decode_run):
     rows, _ = decode_run
     impls = {(r.get("impl"), r.get("batch")) for r in rows}
@@ -127,6 +128,7 @@ def test_decode_lines_carry_both_sides_and_the_ratio(decode_run):
     assert not any("470" in k for k in keys + [rows[-1]["summary"]]) and not hasattr(decode, "UPSTREAM")
 
 
+@pytest.mark.slow  # the 3.12 leg deselects it: bench plumbing (decode_run)
 def test_decode_counts_batch_8_both_ways(decode_run):
     """8 samples of one prompt (upstream's counting: one prefill, 8 slots) beside 8 different prompts."""
     rows, _ = decode_run
@@ -144,6 +146,7 @@ def test_decode_counts_batch_8_both_ways(decode_run):
     assert "jax-engine-samples" in rows[-1]["summary"] and "jax-scheduler" in rows[-1]["summary"]
 
 
+@pytest.mark.slow  # the 3.12 leg deselects it: bench plumbing (decode_run)
 def test_decode_token_match_and_mismatch_are_reported(decode_run):
     rows, err = decode_run
     by_batch = {r["batch"]: r for r in rows if r.get("impl") == "upstream-engine"}

@@ -11,6 +11,7 @@ import pytest
 
 from bench import gpu_proof
 from test_bench_upstream import fake_checkout
+from xla_flags import TEST_XLA_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +24,8 @@ def read_results(out):
 def test_cpu_smoke_runs_every_phase_end_to_end(tmp_path):
     """With an upstream checkout (a fake one: upstream's own code is tested in test_bench_upstream.py)
     passed through to the decode phase and its own training phase."""
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "NANOCHAT_GPU_TESTS_ON_CPU", "NANOCHAT_SRC")}
+    env = {k: v for k, v in os.environ.items() if k not in ("NANOCHAT_GPU_TESTS_ON_CPU", "NANOCHAT_SRC")}
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count=8 {TEST_XLA_FLAGS}"  # the kit drops the count
     src = fake_checkout(tmp_path / "nanochat", {"1": [0] * 8, "2": [0] * 8})
     out = tmp_path / "out"
     r = subprocess.run(["bash", "bench/gpu_proof.sh", str(out), "--cpu-smoke", "--budget-s", "1500",
@@ -41,6 +43,7 @@ def test_cpu_smoke_runs_every_phase_end_to_end(tmp_path):
 
     env_row = next(x for x in rows if x["phase"] == "env" and "backend" in x)
     assert env_row["backend"] == "cpu" and env_row["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert len(env_row["devices"]) == 1  # the fake-device count was dropped, like the host's one GPU
     # the gpu-marked tests really ran on CPU (the cuDNN ones skip), none failed
     t = status["tests"]
     assert t["failed"] == 0 and t["errors"] == 0 and t["passed"] >= (6 if has_torch else 4) and t["skipped"] >= 3

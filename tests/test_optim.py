@@ -120,6 +120,7 @@ def test_state_layout_dtypes_and_shapes():
     assert len({id(x) for x in leaves}) == len(leaves)
 
 
+@pytest.mark.slow  # the 3.12 leg deselects it: ~20 s of compiles
 def test_gradient_accumulation_with_multisteps_equals_one_big_step():
     params = model.init_params(CFG, jax.random.key(0))
     params = jax.tree.map(lambda a: a + 0.01, params)

@@ -125,6 +125,7 @@ def test_reward_rises_on_toy_addition(toy, tmp_path):
     assert (tmp_path / "checkpoints" / "30" / "commit_success.txt").is_file()
 
 
+@pytest.mark.slow  # the 3.12 leg deselects it: the CLI end to end, ~16 s
 def test_cli_on_local_gsm8k(toy, tmp_path):
     """python -m train.rl end to end: local GSM8K files, a checkpoint, a report with pass@k."""
     import json

@@ -622,6 +622,7 @@ def _spawn(env):
         time.sleep(0.2)
 
 
+@pytest.mark.slow  # the 3.12 leg deselects it: a server process end to end, ~15 s
 def test_dead_loop_gives_503_and_the_process_exits_nonzero(compile_cache):
     """Greedy, so the scripted reply cannot end by chance before the fifth decode call fails
     (sampled at temperature 1 it picks <|assistant_end|> about once in 270 tokens)."""

@@ -21,7 +21,9 @@ from train.dist_check import run as dist_run
 
 # depth 3: the backout tap (layer 1) is not the last layer, so no gradient is identically 0
 CFG = GPTConfig(sequence_len=64, vocab_size=128, n_layer=3, n_head=4, n_kv_head=2, n_embd=64)
-MESHES = ["data=8", "data=4,model=2", "fsdp=4,model=2", "data=2,fsdp=2,model=2"]
+# data=8 and fsdp=4,model=2 add no mechanism the other two lack: the 3.12 leg (slow deselected) runs those two
+MESHES = [pytest.param("data=8", marks=pytest.mark.slow), "data=4,model=2",
+          pytest.param("fsdp=4,model=2", marks=pytest.mark.slow), "data=2,fsdp=2,model=2"]
 
 
 def rel_err(a, b):
