@@ -83,6 +83,7 @@ def test_rollout_masks_and_padding(toy):
         rl.train(params, cfg, tok, ToyAddition(), rl.RLConfig(num_samples=3, device_batch_size=2))
 
 
+@pytest.mark.slow  # the 3.12 leg deselects it: ~15 s; the objective is plain math
 def test_weights_reproduce_upstream_objective(toy):
     """The weighted step's loss equals −Σ logp·A / (valid tokens of the pass · passes · examples)."""
     tok, cfg = toy

@@ -110,6 +110,7 @@ def _batch(seed, A=2, B=2, T=16):
     return x, y
 
 
+@pytest.mark.slow  # the 3.12 leg deselects it: ~17 s of train-step compiles
 def test_lr_scaled_step_equals_scaled_lrs():
     """Scaling the update by lrm is the same as scaling every LR (decoupled WD included)."""
     mesh = sharding.make_mesh("data=1", devices=jax.devices()[:1])
@@ -127,6 +128,7 @@ def test_lr_scaled_step_equals_scaled_lrs():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow  # the 3.12 leg deselects it: ~17 s of train-step compiles
 def test_weighted_step_is_weighted_token_sum():
     """weights = valid / (count · A) reproduce the mean-of-micro-means loss and its update."""
     mesh = sharding.make_mesh("data=1", devices=jax.devices()[:1])
