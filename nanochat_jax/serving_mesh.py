@@ -59,15 +59,10 @@ def param_shardings(params, config: GPTConfig, mesh: Mesh):
     def leaf(spec, p):
         s = NamedSharding(mesh, sharding.logical_to_mesh(spec))
         if not jax.tree_util.treedef_is_leaf(jax.tree.structure(p)):  # a QArray: values and scales
-            return jax.tree.map(lambda a: NamedSharding(mesh, _unsplit_ones(s.spec, a.shape)), p)
+            return jax.tree.map(lambda a: NamedSharding(mesh, sharding.unsplit_size_one(s.spec, a.shape)), p)
         return s
 
     return jax.tree.map(leaf, model.param_axes(config), params, is_leaf=lambda x: isinstance(x, P))
-
-
-def _unsplit_ones(spec: P, shape) -> P:
-    """spec with every size-1 dimension unsplit (a scale row beside the kernel it scales)."""
-    return P(*(None if n == 1 else ax for n, ax in zip(shape, tuple(spec) + (None,) * len(shape))))
 
 
 def state_shardings(state: DecodeState, mesh: Mesh) -> DecodeState:

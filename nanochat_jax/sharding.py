@@ -139,11 +139,16 @@ def state_shardings(state_shapes, params_shardings, mesh: Mesh):
         for n in range(len(keys), 0, -1):
             s = by_path.get(keys[-n:])
             if s is not None and len(s.spec) == x.ndim:
-                spec = tuple(None if dim == 1 else ax for dim, ax in zip(x.shape, tuple(s.spec) + (None,) * x.ndim))
-                return NamedSharding(mesh, P(*spec[:x.ndim]))
+                return NamedSharding(mesh, unsplit_size_one(s.spec, x.shape))
         return replicated
 
     return jax.tree_util.tree_map_with_path(leaf, state_shapes)
+
+
+def unsplit_size_one(spec: P, shape) -> P:
+    """spec for an array of `shape` beside the parameter it belongs to: every size-1 dimension
+    unsplit (a reduced statistic, a per-column scale row)."""
+    return P(*(None if n == 1 else ax for n, ax in zip(shape, tuple(spec) + (None,) * len(shape))))
 
 
 def batch_sharding(mesh: Mesh, leading: int = 0) -> NamedSharding:
