@@ -265,8 +265,7 @@ def bench_upstream(args, config, params, tok, prompt, new):
                specials={s: tok.encode_special(s) for s in SPECIAL_TOKENS})
     runs = [row("upstream-engine", r["batch"], r["tokens"], r["wall"], [r["ttft"]], threads=r["threads"],
                 prompts=1, outs=r["outs"], compute_dtype=r["compute_dtype"])
-            for r in upstream.run(args.nanochat_src, params, config, job, args.dtype,
-                                  "cuda" if jax.default_backend() == "gpu" else "cpu")]
+            for r in upstream.run(args.nanochat_src, params, config, job, args.dtype)]
     for key in sorted({(r["threads"], r["batch"]) for r in runs}):
         yield max((r for r in runs if (r["threads"], r["batch"]) == key), key=lambda r: r["tok_per_s"])
 

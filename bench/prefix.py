@@ -26,8 +26,6 @@ import time
 
 import numpy as np
 
-import jax
-
 from bench import upstream
 from bench.decode import BenchTokenizer, make_params
 from nanochat_jax.config import config_for_depth
@@ -105,8 +103,7 @@ def upstream_ttft(args, params, config, tok, ours):
     job = dict(mode="ttft", prompts=[ours[k]["prompt"] for k in sorted(ours)], threads=args.torch_threads,
                repeats=args.repeats, vocab_size=config.vocab_size,
                specials={s: tok.encode_special(s) for s in SPECIAL_TOKENS})
-    got = upstream.run(args.nanochat_src, params, config, job, args.dtype,
-                       "cuda" if jax.default_backend() == "gpu" else "cpu")
+    got = upstream.run(args.nanochat_src, params, config, job, args.dtype)
     for r in got:
         print(json.dumps(dict(mode="upstream", turn=r["turn"], prompt_tokens=r["prompt_tokens"], threads=r["threads"],
                               ttft_s=round(r["ttft"], 4), first_token_match=r["first_token"] == ours[r["turn"]]["first"],

@@ -125,8 +125,7 @@ def upstream_row(args, params, config, tok, prompt, dtype, fp32_out, batch1, int
                specials={s: tok.encode_special(s) for s in SPECIAL_TOKENS})
     runs = [row("upstream-engine", 1, u["tokens"], u["wall"], [u["ttft"]], threads=u["threads"],
                 compute_dtype=u["compute_dtype"], tokens_match=u["outs"][0] == fp32_out if fp32_out else None)
-            for u in upstream.run(args.nanochat_src, params, config, job, jnp.dtype(dtype).name,
-                                  "cuda" if jax.default_backend() == "gpu" else "cpu")]
+            for u in upstream.run(args.nanochat_src, params, config, job, jnp.dtype(dtype).name)]
     up = max(runs, key=lambda r: r["tok_per_s"])
     emit({"part": "decode", "variant": "upstream", **up})
     emit({"part": "vs_upstream", "batch": 1, "upstream_tok_per_s": up["tok_per_s"],

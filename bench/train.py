@@ -134,8 +134,7 @@ def main(argv=None):
             if init is None:  # no JAX step ran in this process: torch's init, else ours (key 0, as init_train_state)
                 init = (params_from_state_dict(ref.state_dict(), config) if ref is not None
                         else jax.device_get(model.init_params(config, jax.random.key(0), args.dtype)))
-            u = upstream.run(args.nanochat_src, init, config, job, args.dtype,
-                             "cuda" if jax.default_backend() == "gpu" else "cpu")[0]
+            u = upstream.run(args.nanochat_src, init, config, job, args.dtype)[0]
             up_s = statistics.median(u["step_times"])
             print(json.dumps(dict(base, framework="upstream" + ("" if args.torch_eager else "+compile"),
                                   step_s=up_s, tok_per_s=n_tok / up_s,

@@ -34,9 +34,14 @@ def check_src(src) -> Path:
     return root
 
 
-def run(src, params, config, job, dtype="float32", device="cpu"):
-    """Run `job` in upstream's code on `params` (exported to a temp checkpoint); its JSON lines."""
+def run(src, params, config, job, dtype="float32", device=None):
+    """Run `job` in upstream's code on `params` (exported to a temp checkpoint); its JSON lines.
+    device: torch's, by default the one JAX runs on here (cuda beside a GPU backend, else cpu)."""
+    import jax
+
     from nanochat_jax.convert import export_nanochat_checkpoint
+
+    device = device or ("cuda" if jax.default_backend() == "gpu" else "cpu")
 
     with tempfile.TemporaryDirectory(prefix="nanochat-upstream-") as tmp:
         export_nanochat_checkpoint(params, config, tmp, step=0)
